@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
         # Import lazily by name so a command's heavy dependencies (torch, ray) load only when it runs.
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(sub)

