@@ -1,0 +1,172 @@
+"""The standing job for new studies: keep catalog, embeddings and index in step with a source.
+
+A round ingests what is new or changed in the source (a folder, or a PACS through a de-identified local
+mirror), embeds it, adds it to the index the server searches (which picks up the new version without a
+restart), and removes from all three what the source deleted. Every step is idempotent and derived
+from the state on disk, so a round killed anywhere and run again ends with each series once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from voxsearch.runtime import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncConfig:
+    source: str  # a folder or a DICOMweb base URL
+    catalog: Path
+    index: Path
+    checkpoint: Path
+    embeddings: Path | None = None  # default: beside the index, "<index>-embeddings"
+    mirror: Path | None = None  # PACS sources: default "<catalog>-mirror"
+    auth_file: Path | None = None  # DICOMweb credentials (else the environment)
+    modality: str | None = None
+    study_date_from: str | None = None
+    study_date_to: str | None = None
+    retries: int = 4
+    deadline_s: float = 300.0
+    ingest_engine: str = "ray"
+    progress: bool = True
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self):
+        self.catalog, self.index, self.checkpoint = Path(self.catalog), Path(self.index), Path(self.checkpoint)
+        self.embeddings = Path(self.embeddings) if self.embeddings else self.index.with_name(self.index.name + "-embeddings")
+        self.mirror = Path(self.mirror) if self.mirror else self.catalog.with_name(self.catalog.name + "-mirror")
+
+    @property
+    def is_pacs(self) -> bool:
+        from voxsearch.ingest.dicomweb import is_dicomweb_url
+
+        return is_dicomweb_url(self.source)
+
+
+@dataclass
+class RoundReport:
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    index_size: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _catalog_ids(catalog: Path) -> dict[str, str]:
+    """series_id -> source_path of the live catalog rows."""
+    from voxsearch.ingest import read_catalog
+
+    if not (catalog / "rows").is_dir():
+        return {}
+    table = read_catalog(catalog)
+    if table.num_rows == 0:
+        return {}
+    return dict(zip(table.column("series_id").to_pylist(), table.column("source_path").to_pylist()))
+
+
+def _gone_from_folder(catalog_rows: dict[str, str]) -> list[str]:
+    return sorted(sid for sid, path in catalog_rows.items() if path and not Path(path).exists())
+
+
+def _forget(cfg: SyncConfig, series_ids: list[str]) -> None:
+    """Remove series from the embeddings (marked superseded, so the index drops them) and the catalog."""
+    from voxsearch.embed.store import EmbeddingStore
+    from voxsearch.ingest.forget import forget_series
+
+    store = EmbeddingStore(cfg.embeddings)
+    if store.manifest() is not None:
+        with store.locked():
+            store.mark_superseded(series_ids)
+            store.remove_ids(series_ids)
+    forget_series(cfg.catalog, series_ids)
+
+
+def sync_round(cfg: SyncConfig) -> RoundReport:
+    from voxsearch.embed import EmbedConfig, run_embedding
+    from voxsearch.ingest import IngestConfig, run_ingest
+    from voxsearch.ingest.deid import load_or_create_salt
+
+    start = time.perf_counter()
+    report = RoundReport()
+    cfg.catalog.mkdir(parents=True, exist_ok=True)
+    before = _catalog_ids(cfg.catalog)
+    if cfg.is_pacs:
+        from voxsearch.ingest.dicomweb import DicomWebConfig, Mirror, PacsError
+
+        mirror = Mirror(cfg.mirror)
+        dw = DicomWebConfig(url=cfg.source, auth_file=cfg.auth_file, modality=cfg.modality,
+                            study_date_from=cfg.study_date_from, study_date_to=cfg.study_date_to,
+                            retries=cfg.retries, deadline_s=cfg.deadline_s, salt=load_or_create_salt(cfg.catalog))
+        try:
+            pulled = mirror.pull(dw, progress=cfg.progress)
+        except PacsError as exc:
+            # Nothing is known about the source this round; deleting on that basis would empty the index.
+            report.failed, report.errors = 1, [str(exc)]
+            report.seconds = round(time.perf_counter() - start, 3)
+            log.error("sync round skipped: %s", exc)
+            return report
+        report.failed += len(pulled.errors)
+        report.errors += [reason for _, reason in pulled.errors]
+        gone = pulled.gone
+        archive = mirror.series_dir
+        archive.mkdir(parents=True, exist_ok=True)
+    else:
+        archive = Path(cfg.source)
+        if not archive.is_dir():
+            raise FileNotFoundError(f"sync source {archive} is neither a folder nor a DICOMweb URL")
+        gone = _gone_from_folder(before)
+
+    if gone:
+        _forget(cfg, gone)
+        if cfg.is_pacs:
+            mirror.drop(gone)
+        report.deleted = len(gone)
+
+    ingested = run_ingest(IngestConfig(archive=archive, out=cfg.catalog, engine=cfg.ingest_engine,
+                                       ray_address=cfg.ray.address, progress=cfg.progress))
+    report.failed += ingested.failed
+    after = _catalog_ids(cfg.catalog)
+    from voxsearch.ingest.catalog import read_all_rows
+
+    rows = read_all_rows(cfg.catalog)
+    this_run = {s for s, r in zip(rows.column("series_id").to_pylist(), rows.column("run_id").to_pylist())
+                if r == ingested.run_id} if rows.num_rows else set()
+    report.added = len({s for s in this_run if s not in before and s in after})
+    report.changed = len({s for s in this_run if s in before})
+
+    embedded = run_embedding(EmbedConfig(catalog=cfg.catalog, checkpoint=cfg.checkpoint, out=cfg.embeddings,
+                                         index=cfg.index, progress=cfg.progress, ray=cfg.ray))
+    report.failed += embedded.failed
+    if embedded.index:
+        report.index_size = embedded.index.get("size")
+    report.seconds = round(time.perf_counter() - start, 3)
+    log.info("sync round: %s", {k: v for k, v in report.to_dict().items() if k != "errors"})
+    return report
+
+
+def sync_forever(cfg: SyncConfig, every: float, rounds: int | None = None, on_round=None) -> None:
+    """A round every `every` seconds (measured start to start); `rounds` bounds it for tests and demos."""
+    done = 0
+    while rounds is None or done < rounds:
+        started = time.monotonic()
+        try:
+            report = sync_round(cfg)
+        except Exception as exc:  # a standing job outlives one bad round; the next one retries
+            log.exception("sync round failed: %s", exc)
+            report = RoundReport(failed=1, errors=[f"{type(exc).__name__}: {exc}"])
+        if on_round:
+            on_round(report)
+        done += 1
+        if rounds is not None and done >= rounds:
+            break
+        time.sleep(max(0.0, every - (time.monotonic() - started)))

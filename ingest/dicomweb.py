@@ -1,0 +1,310 @@
+"""A PACS as an archive: QIDO-RS lists series, WADO-RS fetches them into a local de-identified mirror.
+
+The mirror is an ordinary folder of DICOM series, so the folder reader (and everything after it) gives the
+same tensor for a series whether it came from a PACS or a disk. Identifiers are scrubbed before a file
+touches the disk: PatientID is replaced by its salted hash (studies of one patient still group and split
+together), names, birth dates and accession numbers are removed. Credentials come from the environment
+or a file, never from the command line or a URL, and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from voxsearch.ingest.deid import salted_hash
+from voxsearch.ingest.errors import IngestError
+
+log = logging.getLogger(__name__)
+
+ENV_TOKEN = "VOXSEARCH_DICOMWEB_TOKEN"
+ENV_USER = "VOXSEARCH_DICOMWEB_USER"
+ENV_PASSWORD = "VOXSEARCH_DICOMWEB_PASSWORD"
+ENV_AUTH_FILE = "VOXSEARCH_DICOMWEB_AUTH_FILE"
+
+# Direct identifiers dropped from every fetched instance (DICOM PS3.15 basic profile, the ones a CT/MR
+# series from a PACS carries in practice).
+_DROPPED = (
+    "PatientName", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
+    "AccessionNumber", "IssuerOfPatientID", "ReferringPhysicianName", "PerformingPhysicianName",
+    "OperatorsName", "InstitutionName", "InstitutionAddress", "MedicalRecordLocator", "PatientComments",
+)
+_QIDO_SERIES_FIELDS = ("0020000D", "0020000E", "00080060", "00201209", "00080020")
+
+
+def is_dicomweb_url(source: str | os.PathLike) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+@dataclass
+class DicomWebConfig:
+    url: str
+    # JSON file with {"token": ...} or {"username": ..., "password": ...}; else the environment.
+    auth_file: Path | None = None
+    modality: str | None = None
+    study_date_from: str | None = None  # YYYYMMDD
+    study_date_to: str | None = None
+    timeout_s: float = 30.0
+    retries: int = 4
+    backoff_s: float = 0.5
+    deadline_s: float = 300.0  # per series, all retries included
+    # The catalog's salt (voxsearch.ingest.deid.load_or_create_salt), so that a mirrored series gets the
+    # series_id the catalog gives it.
+    salt: str = ""
+
+
+@dataclass(frozen=True)
+class RemoteSeries:
+    """One series as QIDO lists it. The UIDs stay in memory; only their hashes are stored or logged."""
+
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    instances: int | None
+    salt: str
+
+    @property
+    def key(self) -> str:
+        """The catalog's series_id of this series."""
+        return salted_hash(self.salt, "series", self.series_uid)
+
+    @property
+    def study_key(self) -> str:
+        return salted_hash(self.salt, "study", self.study_uid)
+
+
+class PacsError(IngestError):
+    """The PACS could not give a series: the message names the study by its hashed id only."""
+
+
+def _credentials(config: DicomWebConfig) -> dict:
+    path = config.auth_file or os.environ.get(ENV_AUTH_FILE)
+    if path:
+        try:
+            creds = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise IngestError(f"DICOMweb credentials file {path}: unreadable ({type(exc).__name__})") from exc
+        if not isinstance(creds, dict) or not ({"token"} <= creds.keys() or {"username", "password"} <= creds.keys()):
+            raise IngestError(f"DICOMweb credentials file {path}: needs 'token' or 'username' and 'password'")
+        return creds
+    if os.environ.get(ENV_TOKEN):
+        return {"token": os.environ[ENV_TOKEN]}
+    if os.environ.get(ENV_USER):
+        return {"username": os.environ[ENV_USER], "password": os.environ.get(ENV_PASSWORD, "")}
+    return {}
+
+
+def connect(config: DicomWebConfig):
+    """A dicomweb-client bound to the PACS, with the session's credentials."""
+    if not config.salt:
+        raise ValueError("DicomWebConfig.salt must be the catalog's salt")
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    parts = urlsplit(config.url)
+    if parts.username or parts.password:
+        raise IngestError(
+            "DICOMweb URL carries credentials; put them in the environment "
+            f"({ENV_USER}/{ENV_PASSWORD} or {ENV_TOKEN}) or a file ({ENV_AUTH_FILE})"
+        )
+    session = requests.Session()
+    creds = _credentials(config)
+    if "token" in creds:
+        session.headers["Authorization"] = f"Bearer {creds['token']}"
+    elif creds:
+        session.auth = (creds["username"], creds["password"])
+    client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout_s)
+    # One retry policy, ours (bounded by the deadline, errors named by hashed ids); the client's own
+    # would wait minutes and logs raw study UIDs at INFO.
+    client.set_http_retry_params(retry=False)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    return client
+
+
+def _value(attrs: dict, tag: str):
+    values = attrs.get(tag, {}).get("Value")
+    return values[0] if values else None
+
+
+def _retrying(config: DicomWebConfig, what: str, call):
+    """Run `call` with exponential back-off on transport faults and 5xx answers, within the deadline."""
+    import requests
+
+    started = time.monotonic()
+    delay = config.backoff_s
+    for attempt in range(config.retries + 1):
+        try:
+            return call()
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status is not None and status < 500:
+                raise PacsError(f"{what}: PACS refused the request (HTTP {status})") from None
+            cause = f"HTTP {status}"
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            cause = type(exc).__name__
+        if attempt == config.retries or time.monotonic() - started + delay > config.deadline_s:
+            raise PacsError(f"{what}: PACS unavailable after {attempt + 1} attempts ({cause})") from None
+        log.warning("%s: %s, retrying in %.1f s", what, cause, delay)
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+def list_series(client, config: DicomWebConfig) -> list[RemoteSeries]:
+    """Every series of the PACS that passes the configured filters (modality, study date range)."""
+    filters = {}
+    if config.study_date_from or config.study_date_to:
+        filters["StudyDate"] = f"{config.study_date_from or ''}-{config.study_date_to or ''}"
+    studies = _retrying(
+        config, "listing studies", lambda: client.search_for_studies(search_filters=filters, get_remaining=True)
+    )
+    out = []
+    for study in studies:
+        study_uid = _value(study, "0020000D")
+        series_filters = {"Modality": config.modality} if config.modality else {}
+        listed = _retrying(
+            config,
+            f"study {salted_hash(config.salt, 'study', study_uid)}",
+            lambda: client.search_for_series(
+                study_uid, fields=_QIDO_SERIES_FIELDS, search_filters=series_filters, get_remaining=True
+            ),
+        )
+        for series in listed:
+            count = _value(series, "00201209")
+            out.append(
+                RemoteSeries(
+                    study_uid=study_uid,
+                    series_uid=_value(series, "0020000E"),
+                    modality=_value(series, "00080060"),
+                    instances=int(count) if count is not None else None,
+                    salt=config.salt,
+                )
+            )
+    return out
+
+
+def scrub(ds, salt: str) -> None:
+    """Remove direct identifiers in place; PatientID becomes its salted hash."""
+    for keyword in _DROPPED:
+        if keyword in ds:
+            delattr(ds, keyword)
+    if "PatientID" in ds:
+        ds.PatientID = salted_hash(salt, "patient", str(ds.PatientID))
+    ds.remove_private_tags()
+    ds.PatientIdentityRemoved = "YES"
+
+
+def fetch_series(client, series: RemoteSeries, dest: Path, config: DicomWebConfig) -> int:
+    """Fetch a series into `dest` (replaced whole, atomically); returns the number of instances."""
+    from pydicom.errors import InvalidDicomError
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    what = f"study {series.study_key} series {series.key}"
+
+    def download() -> list:
+        try:
+            return list(client.iter_series(series.study_uid, series.series_uid))
+        except (InvalidDicomError, EOFError, ValueError) as exc:
+            raise PacsError(f"{what}: an instance is not valid DICOM ({type(exc).__name__})") from None
+
+    datasets = _retrying(config, what, download)
+    if not datasets:
+        raise PacsError(f"{what}: PACS returned no instances")
+    staging = Path(tempfile.mkdtemp(prefix=f".{series.key}.", dir=dest.parent))
+    try:
+        for i, ds in enumerate(datasets):
+            scrub(ds, config.salt)
+            ds.save_as(staging / f"{i:05d}.dcm", enforce_file_format=True)
+        old = dest.with_name(dest.name + ".old")
+        if dest.exists():
+            dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return len(datasets)
+
+
+@dataclass
+class MirrorResult:
+    """One pass over the PACS: series ids (the catalog's) fetched, refetched, gone, and failures."""
+
+    added: list[str]
+    changed: list[str]
+    gone: list[str]
+    errors: list[tuple[str, str]]  # (hashed study id, reason)
+    listed: int = 0
+
+
+class Mirror:
+    """A local, de-identified copy of the PACS' series: `series/<series_id>/` plus a state file.
+
+    The state file records each series' instance count when it was fetched: a series is refetched when
+    QIDO reports a different count, and a series QIDO no longer lists is gone. State is saved after
+    every fetch, so a pass killed midway resumes where it stopped.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.series_dir = self.root / "series"
+        self.state_path = self.root / "state.json"
+
+    def state(self) -> dict[str, dict]:
+        if not self.state_path.exists():
+            return {}
+        return json.loads(self.state_path.read_text())
+
+    def _save(self, state: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, self.state_path)
+
+    def present(self) -> set[str]:
+        if not self.series_dir.is_dir():
+            return set()
+        return {p.name for p in self.series_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+    def pull(self, config: DicomWebConfig, progress: bool = True) -> MirrorResult:
+        """Fetch what is new or changed in the PACS. Raises PacsError if the PACS cannot even be listed."""
+        from tqdm import tqdm
+
+        client = connect(config)
+        remote = {s.key: s for s in list_series(client, config)}
+        state = self.state()
+        on_disk = self.present()
+        todo = [k for k, s in remote.items()
+                if k not in state or k not in on_disk
+                or (s.instances is not None and s.instances != state[k].get("instances"))]
+        result = MirrorResult(added=[], changed=[], gone=sorted((set(state) | on_disk) - set(remote)),
+                              errors=[], listed=len(remote))
+        for key in tqdm(todo, desc="fetch", unit="series", disable=not progress):
+            series = remote[key]
+            try:
+                count = fetch_series(client, series, self.series_dir / key, config)
+            except PacsError as exc:
+                log.error("%s", exc)
+                result.errors.append((series.study_key, str(exc)))
+                continue
+            (result.changed if key in state else result.added).append(key)
+            state[key] = {"instances": count, "study": series.study_key}
+            self._save(state)
+        return result
+
+    def drop(self, keys) -> None:
+        """Forget series the source deleted: their files first, then their state."""
+        state = self.state()
+        for key in keys:
+            shutil.rmtree(self.series_dir / key, ignore_errors=True)
+            state.pop(key, None)
+        self._save(state)
