@@ -33,6 +33,8 @@ def init_ray(config: RayConfig | None = None):
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
+            # "local": a new in-process cluster even when a `ray start` cluster runs on this machine.
+            address="local",
             num_cpus=config.num_cpus,
             include_dashboard=config.include_dashboard,
             object_store_memory=config.object_store_memory,

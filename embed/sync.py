@@ -33,6 +33,9 @@ class SyncConfig:
     retries: int = 4
     deadline_s: float = 300.0
     ingest_engine: str = "ray"
+    # Passed on to EmbedConfig (e.g. actor_cpus, read_cpus, batch_size): a sync sharing its cluster with
+    # a server must leave the server's reserved CPUs free or its embedding tasks wait forever.
+    embed_options: dict = field(default_factory=dict)
     progress: bool = True
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -145,7 +148,7 @@ def sync_round(cfg: SyncConfig) -> RoundReport:
     report.changed = len({s for s in this_run if s in before})
 
     embedded = run_embedding(EmbedConfig(catalog=cfg.catalog, checkpoint=cfg.checkpoint, out=cfg.embeddings,
-                                         index=cfg.index, progress=cfg.progress, ray=cfg.ray))
+                                         index=cfg.index, progress=cfg.progress, ray=cfg.ray, **cfg.embed_options))
     report.failed += embedded.failed
     if embedded.index:
         report.index_size = embedded.index.get("size")

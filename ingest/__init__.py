@@ -1,1 +1,40 @@
-"""voxsearch.ingest"""
+"""voxsearch.ingest: archives (NIfTI, DICOM, M3D, manifests) -> de-identified Parquet catalog,
+model-ready volumes, and the synthetic phantom archive.
+
+Names resolve lazily so `import voxsearch.ingest` stays cheap (no MONAI/torch until used).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "IngestError": "errors",
+    "Volume": "volume",
+    "read_volume_path": "readers",
+    "read_volume_row": "readers",
+    "PreprocessConfig": "preprocess",
+    "PRESETS": "preprocess",
+    "load_volume": "preprocess",
+    "preprocess_path": "preprocess",
+    "preprocess_volume": "preprocess",
+    "SynthConfig": "synth",
+    "generate_archive": "synth",
+    "IngestConfig": "pipeline",
+    "IngestSummary": "pipeline",
+    "run_ingest": "pipeline",
+    "read_catalog": "catalog",
+    "read_errors": "catalog",
+    "CATALOG_SCHEMA_VERSION": "catalog",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'voxsearch.ingest' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -41,3 +41,29 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+# --- ingest fixtures (owned by the ingest component) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def synth_archive(tmp_path_factory) -> Path:
+    """A tiny seeded phantom archive: 24 studies (CT and MR; head, chest, abdomen; a quarter as
+    DICOM series with planted fake patient identifiers), manifest.csv with ground-truth findings."""
+    from voxsearch.ingest import SynthConfig, generate_archive
+
+    out = tmp_path_factory.mktemp("synth") / "archive"
+    return generate_archive(SynthConfig(n=24, seed=7, out=out, size="tiny", dicom_share=0.25))
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(synth_archive, ray_session, tmp_path_factory) -> Path:
+    """The catalog folder ingested (on the test Ray) from `synth_archive`; read it with
+    voxsearch.ingest.read_catalog and load volumes with voxsearch.ingest.load_volume."""
+    from voxsearch.ingest import IngestConfig, read_catalog, run_ingest
+
+    out = tmp_path_factory.mktemp("catalog") / "catalog"
+    summary = run_ingest(IngestConfig(archive=synth_archive, out=out, salt="test-salt", progress=False))
+    if summary.failed or read_catalog(out).num_rows != 24:
+        pytest.fail(f"tiny_catalog ingest incomplete: {summary}")
+    return out

@@ -162,8 +162,10 @@ def test_sync_makes_a_pacs_study_searchable_then_removes_it(ray_session, orthanc
     first, second = pacs_archive["studies"][0], pacs_archive["studies"][2]
     _only(orthanc, first)
     ckpt = make_checkpoint(tmp_path / "ckpt")
+    # The served app below holds a share of the 2 test CPUs: the embedding tasks must fit beside it.
     cfg = SyncConfig(source=orthanc.dicomweb, catalog=tmp_path / "catalog", index=tmp_path / "index",
-                     checkpoint=ckpt, progress=False)
+                     checkpoint=ckpt, progress=False, ingest_engine="local",
+                     embed_options={"actor_cpus": 0.5, "read_cpus": 0.5})
     with caplog.at_level(logging.INFO):
         r1 = sync_round(cfg)
     assert (r1.added, r1.deleted, r1.failed) == (1, 0, 0), r1

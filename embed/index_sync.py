@@ -1,0 +1,90 @@
+"""Bring a vector index in line with an embedding folder: build it, or add what it lacks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from voxsearch.embed.config import EmbedError
+from voxsearch.embed.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+# Vectors live in faiss; the text vector is a per-row training/eval aid, not search metadata.
+NOT_METADATA = ("id", "vector", "text_vector")
+
+
+def _rows_for(store: EmbeddingStore, wanted: set[str] | None) -> pa.Table | None:
+    """Embedding rows of these ids (all rows when None), reading only the shards that hold them."""
+    parts = []
+    for path in store.embedding_files():
+        if wanted is not None:
+            ids = pq.read_table(path, columns=["id"]).column("id")
+            mask = pc.is_in(ids, value_set=pa.array(sorted(wanted), pa.string()))
+            if not pc.any(mask).as_py():
+                continue
+            parts.append(pq.read_table(path).filter(mask))
+        else:
+            parts.append(pq.read_table(path))
+    if not parts:
+        return None
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def _split(table: pa.Table) -> tuple[list[str], np.ndarray, pa.Table]:
+    vectors = table.column("vector").combine_chunks()
+    dim = vectors.type.list_size
+    matrix = vectors.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    metadata = table.drop_columns([c for c in NOT_METADATA if c in table.column_names])
+    return table.column("id").to_pylist(), matrix, metadata
+
+
+def sync_index(index_dir: Path, store: EmbeddingStore, model_id: str, index_config=None) -> dict:
+    """Build `index_dir` from every embedding row, or update it: add ids it lacks, replace re-embedded ids,
+    delete ids whose new content failed. Works from the folder's state, so a run killed between writing
+    shards and saving the index is repaired by the next run."""
+    from voxsearch.index import IndexConfig, VectorIndex
+    from voxsearch.index.store import is_index_dir
+
+    index_dir = Path(index_dir)
+    source = {"embeddings": str(store.root.resolve()), "model_id": model_id}
+    if not is_index_dir(index_dir):
+        table = _rows_for(store, None)
+        if table is None:
+            return {"path": str(index_dir), "action": "unchanged", "added": 0, "deleted": 0, "size": 0}
+        ids, matrix, metadata = _split(table)
+        index = VectorIndex.build(ids, matrix, metadata, index_config or IndexConfig(), source=source)
+        index.save(index_dir)
+        store.clear_superseded()
+        return {"path": str(index_dir), "action": "built", "added": len(ids), "deleted": 0, "size": len(index)}
+
+    index = VectorIndex.load(index_dir)
+    indexed_model = index.manifest.get("source", {}).get("model_id")
+    if indexed_model not in (None, model_id):
+        raise EmbedError(f"index {index_dir} holds vectors of model {indexed_model}, not {model_id}; use a new --index")
+    embedded = set()
+    for path in store.embedding_files():
+        embedded.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    superseded = store.superseded()
+    wanted = (embedded - set(index.ids())) | (superseded & embedded)
+    deleted = index.delete(sorted(superseded - embedded))
+    added = 0
+    if wanted:
+        table = _rows_for(store, wanted)
+        ids, matrix, metadata = _split(table)
+        if matrix.shape[1] != index.dim:
+            raise EmbedError(f"index {index_dir} has dimension {index.dim}, the embeddings have {matrix.shape[1]}")
+        added = index.add(ids, matrix, metadata, replace=True)
+    if added or deleted:
+        if index.needs_compact:
+            index = index.compact()
+        index.save(index_dir)
+    store.clear_superseded()
+    action = "updated" if added or deleted else "unchanged"
+    log.info("index %s %s: +%d -%d, %d vectors", index_dir, action, added, deleted, len(index))
+    return {"path": str(index_dir), "action": action, "added": added, "deleted": deleted, "size": len(index)}

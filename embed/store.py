@@ -1,0 +1,299 @@
+"""The embedding folder: Parquet shards written atomically, the state a rerun resumes from, a run lock.
+
+Layout of an output folder EMB:
+    part-<run>-<seq>.parquet          embedding rows ("Embedding shards" schema)
+    _errors/part-<run>-<seq>.parquet  one row per catalog row that could not be embedded
+    _embed.json                       model id and preprocessing every row was made with
+    _superseded.json                  ids re-embedded since the index last saw them
+    .lock                             held by the one run writing here
+
+Names starting with "_" or "." are skipped by pyarrow's dataset discovery, so `pq.read_table(EMB)` and
+`voxsearch.index.build_from_embeddings(EMB)` read exactly the embedding rows.
+
+Invariant (what makes reruns exactly-once): at any moment each id has at most one row, embedding or
+error, over all shards. Shards appear whole (temp file + rename) or not at all, rows are only removed by
+rewriting a shard the same way, and a run only writes ids that no shard holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from voxsearch.embed.config import EmbedError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "voxsearch-embeddings"
+VERSION = 1
+KEY_COLUMNS = ("id", "content_sha256", "model_id", "preprocess_id")
+META_COLUMNS = ("study_id", "modality", "body_part", "split", "study_date", "abnormal")
+# Used where the catalog lacks a metadata column, so every shard of a folder has one schema.
+META_DEFAULT_TYPES = {"study_date": pa.date32(), "abnormal": pa.bool_()}
+REPORT_EXCERPT_CHARS = 300
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("content_sha256", pa.string()),
+        ("model_id", pa.string()),
+        ("preprocess_id", pa.string()),
+        ("stage", pa.string()),  # "load" (read + preprocess) or "model"
+        ("error", pa.string()),
+        ("failed_at", pa.timestamp("s", tz="UTC")),
+    ]
+)
+
+
+def embedding_schema(catalog_schema: pa.Schema, dim: int, text_dim: int | None, vector_dtype: str) -> pa.Schema:
+    value_type = pa.float16() if vector_dtype == "float16" else pa.float32()
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(value_type, dim), nullable=False),
+        pa.field("model_id", pa.string()),
+        pa.field("preprocess_id", pa.string()),
+        pa.field("content_sha256", pa.string()),
+    ]
+    for name in META_COLUMNS:
+        if name in catalog_schema.names:
+            fields.append(pa.field(name, catalog_schema.field(name).type))
+        else:
+            fields.append(pa.field(name, META_DEFAULT_TYPES.get(name, pa.string())))
+    fields.append(pa.field("report_excerpt", pa.string()))
+    if text_dim:
+        fields.append(pa.field("text_vector", pa.list_(value_type, text_dim)))
+    return pa.schema(fields)
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Readers see the whole file or nothing: write a hidden temp file, flush it to disk, rename."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class StoredRow:
+    content_sha256: str
+    kind: str  # "embedded" | "failed"
+
+
+class ShardWriter:
+    """Buffers rows and writes them as shards of `shard_rows` rows; `close` writes the remainder."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, run_id: str, shard_rows: int):
+        self.directory = directory
+        self.schema = schema
+        self.run_id = run_id
+        self.shard_rows = shard_rows
+        self.files: list[Path] = []
+        self.rows_written = 0
+        self.seconds = 0.0
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._buffer.append(table.cast(self.schema) if table.schema != self.schema else table)
+        self._buffered += table.num_rows
+        while self._buffered >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def close(self) -> None:
+        if self._buffered:
+            self._flush(self._buffered)
+
+    def _flush(self, n: int) -> None:
+        start = perf_counter()
+        pending = pa.concat_tables(self._buffer)
+        shard, rest = pending.slice(0, n), pending.slice(n)
+        path = self.directory / f"part-{self.run_id}-{len(self.files):05d}.parquet"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_table_atomic(shard, path)
+        self.files.append(path)
+        self.rows_written += shard.num_rows
+        self._buffer = [rest] if rest.num_rows else []
+        self._buffered = rest.num_rows
+        self.seconds += perf_counter() - start
+
+
+class EmbeddingStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.errors_dir = self.root / "_errors"
+        self.manifest_path = self.root / "_embed.json"
+        self.superseded_path = self.root / "_superseded.json"
+        self.lock_path = self.root / ".lock"
+
+    # -- run lock ------------------------------------------------------------------------------------
+    @contextmanager
+    def locked(self):
+        """One writer per folder. A lock left by a killed run on this host is taken over."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                host, _, pid = self.lock_path.read_text().strip().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                    log.warning("taking over the lock of a run that is gone (pid %s) in %s", pid, self.root)
+                    self.lock_path.unlink(missing_ok=True)
+                    continue
+                raise EmbedError(
+                    f"{self.root} is being written by another embed run (host {host}, pid {pid}); "
+                    f"if that run is gone, delete {self.lock_path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            break
+        try:
+            yield self
+        finally:
+            self.lock_path.unlink(missing_ok=True)
+
+    def remove_temp_files(self) -> int:
+        """Temp files of a killed run (only safe while holding the lock)."""
+        removed = 0
+        for folder in (self.root, self.errors_dir):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    # -- manifest ------------------------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def bind(self, model_id: str, preprocess_id: str, fixed: dict, info: dict) -> None:
+        """A folder holds vectors of one model, one preprocessing and one row layout (`fixed`): mixing
+        them would make an index built from it meaningless or its shards unreadable as one table."""
+        wanted = {"model_id": model_id, "preprocess_id": preprocess_id, **fixed}
+        current = self.manifest()
+        if current is None:
+            if self.embedding_files() or self.error_files():
+                raise EmbedError(f"{self.root} holds Parquet shards but no {self.manifest_path.name}: not an embed folder")
+            _write_json_atomic({"format": FORMAT, "version": VERSION, **wanted, **info}, self.manifest_path)
+            return
+        if current.get("format") != FORMAT:
+            raise EmbedError(f"{self.manifest_path} is not a {FORMAT} manifest")
+        differ = {k: (current.get(k), v) for k, v in wanted.items() if current.get(k) != v}
+        if differ:
+            what = ", ".join(f"{k} {old!r} (this run: {new!r})" for k, (old, new) in differ.items())
+            raise EmbedError(f"{self.root} was written with {what}. Write to a new --out folder.")
+
+    # -- shards --------------------------------------------------------------------------------------
+    def embedding_files(self) -> list[Path]:
+        return sorted(self.root.glob("part-*.parquet")) if self.root.is_dir() else []
+
+    def error_files(self) -> list[Path]:
+        return sorted(self.errors_dir.glob("part-*.parquet")) if self.errors_dir.is_dir() else []
+
+    def state(self) -> dict[str, StoredRow]:
+        """id -> what is stored for it. Reads only the two key columns of each shard."""
+        stored: dict[str, StoredRow] = {}
+        for kind, files in (("embedded", self.embedding_files()), ("failed", self.error_files())):
+            for path in files:
+                try:
+                    table = pq.read_table(path, columns=["id", "content_sha256"])
+                except Exception as e:  # a shard we cannot read must stop the run, not be overwritten
+                    raise EmbedError(f"cannot read embedding shard {path}: {e}") from e
+                for id_, sha in zip(table.column("id").to_pylist(), table.column("content_sha256").to_pylist()):
+                    if id_ in stored:
+                        raise EmbedError(f"{self.root} holds two rows for one series (in {path}); the folder was edited by hand")
+                    stored[id_] = StoredRow(sha, kind)
+        return stored
+
+    def remove_ids(self, ids) -> int:
+        """Drop rows of these ids from every shard, each shard rewritten atomically (or deleted if emptied)."""
+        ids = set(ids)
+        if not ids:
+            return 0
+        removed = 0
+        value_set = pa.array(sorted(ids), pa.string())
+        for path in self.embedding_files() + self.error_files():
+            table = pq.read_table(path)
+            drop = pc.is_in(table.column("id"), value_set=value_set)
+            n = pc.sum(drop).as_py() or 0
+            if not n:
+                continue
+            kept = table.filter(pc.invert(drop))
+            if kept.num_rows:
+                write_table_atomic(kept, path)
+            else:
+                path.unlink()
+            removed += n
+        return removed
+
+    def read_embeddings(self, columns: list[str] | None = None) -> pa.Table | None:
+        files = self.embedding_files()
+        if not files:
+            return None
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
+
+    def read_errors(self) -> pa.Table:
+        files = self.error_files()
+        if not files:
+            return ERROR_SCHEMA.empty_table()
+        return pa.concat_tables([pq.read_table(f) for f in files])
+
+    # -- ids the index has not caught up with ---------------------------------------------------------
+    def superseded(self) -> set[str]:
+        if not self.superseded_path.exists():
+            return set()
+        return set(json.loads(self.superseded_path.read_text()))
+
+    def mark_superseded(self, ids) -> None:
+        """Recorded before old rows are dropped, so an index updated by a later run still deletes them."""
+        ids = set(ids) | self.superseded()
+        if ids:
+            _write_json_atomic(sorted(ids), self.superseded_path)
+
+    def clear_superseded(self) -> None:
+        self.superseded_path.unlink(missing_ok=True)
+
+
+def read_embeddings(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """All embedding rows of an embed output folder (one row per id)."""
+    table = EmbeddingStore(Path(path)).read_embeddings(columns)
+    if table is None:
+        raise EmbedError(f"no embedding shards (part-*.parquet) in {path}")
+    return table
+
+
+def read_embed_errors(path: Path) -> pa.Table:
+    """The error rows of an embed output folder: id, stage, error, ..."""
+    return EmbeddingStore(Path(path)).read_errors()

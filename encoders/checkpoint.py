@@ -1,0 +1,131 @@
+"""The project's own CLIP checkpoint format: one self-contained directory.
+
+    model.safetensors   every tensor of the ClipModel (vision, text encoder, projections, t', b)
+    config.json         {"format": "voxsearch-clip", "format_version": 1, "clip_config": ..., "extra": ...}
+    text/               the text tower's HF config and tokenizer (weights live in model.safetensors)
+
+Directories are written to a temporary sibling and renamed into place, so a reader never sees half a
+checkpoint and a failed save leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .clip import ClipConfig, ClipModel
+from .inference import is_folded
+from .statedict import check_layout
+
+FORMAT_NAME = "voxsearch-clip"
+FORMAT_VERSION = 1
+TEXT_SUBDIR = "text"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` to ``directory`` (replaced atomically if it exists); ``extra`` is stored verbatim."""
+    from safetensors.torch import save_file
+
+    if is_folded(model):
+        raise ValueError("cannot save a model whose BatchNorms were folded for inference; save it before "
+                         "prepare_for_inference()")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg["text"]["path"] = TEXT_SUBDIR  # relative: the directory carries its own text tower files
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "clip_config": cfg, "extra": extra or {}}
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"extra metadata for {directory} is not JSON-serialisable: {exc}") from exc
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        # Clone so tied or shared tensors become separate blobs that safetensors accepts.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
+        model.text.save_pretrained_files(tmp / TEXT_SUBDIR)
+        (tmp / CONFIG).write_text(meta_text)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+    os.replace(dst, old / "prev")
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old / "prev", dst)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_clip_meta(directory: str | Path) -> dict:
+    """The checkpoint's config.json (format, version, clip_config, extra); checks format and version."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a voxsearch CLIP checkpoint (no {CONFIG})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"corrupt checkpoint config {path}: {exc}") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {meta.get('format_version')!r}; this voxsearch reads up to {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> ClipModel:
+    """A ``ClipModel`` in eval mode from a directory written by ``save_clip`` (no other path needed)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_clip_meta(directory)
+    cfg = dict(meta["clip_config"])
+    cfg["text"] = dict(cfg["text"], path=str(directory / cfg["text"]["path"]))
+    model = ClipModel(ClipConfig.from_dict(cfg), load_text_weights=False)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"cannot read weights {directory / WEIGHTS}: {exc}") from exc
+    check_layout(str(directory / WEIGHTS), state, {k: v.shape for k, v in model.state_dict().items()})
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def model_id(directory: str | Path) -> str:
+    """Short stable id of a checkpoint: hash of its config.json and its weights file's digest."""
+    directory = Path(directory)
+    read_clip_meta(directory)
+    digest = hashlib.sha256()
+    digest.update((directory / CONFIG).read_bytes())
+    digest.update(_file_sha256(directory / WEIGHTS).encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

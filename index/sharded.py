@@ -1,0 +1,230 @@
+"""ShardedIndex: N VectorIndex shards split by a hash of the id, each held by a Ray actor, searched in
+parallel and merged. Every shard returns its own true top-k, so the merged top-k equals that of one
+index over the same rows. Works on a local Ray or a cluster (shard folders must then be on storage
+every node can reach)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from voxsearch.index.config import IndexConfig
+from voxsearch.index.errors import IndexFormatError
+from voxsearch.index.vector_index import Hit, VectorIndex
+
+SHARDED_MANIFEST = "sharded.json"
+SHARDED_FORMAT = "voxsearch-sharded-index"
+
+
+def shard_of(item_id: str, num_shards: int) -> int:
+    """Stable across processes and machines (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little") % num_shards
+
+
+class _Shard:
+    """Body of the Ray actor holding one shard."""
+
+    def __init__(self) -> None:
+        self.index: VectorIndex | None = None
+
+    def build(self, ids, vectors, metadata, config) -> int:
+        self.index = VectorIndex.build(ids, vectors, metadata, config)
+        return len(self.index)
+
+    def load(self, directory: str, mmap: bool, verify: bool) -> int:
+        self.index = VectorIndex.load(directory, mmap=mmap, verify=verify)
+        return len(self.index)
+
+    def search(self, queries, k, filters, params) -> list[list[Hit]]:
+        return self.index.search(queries, k=k, filters=filters, params=params)
+
+    def add(self, ids, vectors, metadata, replace) -> int:
+        return self.index.add(ids, vectors, metadata, replace=replace)
+
+    def delete(self, ids) -> int:
+        return self.index.delete(ids)
+
+    def save(self, directory: str) -> str:
+        return str(self.index.save(directory))
+
+    def compact(self) -> int:
+        self.index.compact()
+        return len(self.index)
+
+    def manifest(self) -> dict:
+        return self.index.manifest
+
+    def ids(self) -> list[str]:
+        return self.index.ids()
+
+    def vector(self, item_id: str):
+        return self.index.vector(item_id)
+
+
+def _partition(ids: Sequence[str], num_shards: int) -> list[np.ndarray]:
+    owners = np.fromiter((shard_of(str(i), num_shards) for i in ids), dtype=np.int64, count=len(ids))
+    return [np.flatnonzero(owners == s) for s in range(num_shards)]
+
+
+def _take(metadata: pa.Table | None, rows: np.ndarray) -> pa.Table | None:
+    return metadata.take(pa.array(rows)) if metadata is not None else None
+
+
+class ShardedIndex:
+    def __init__(self, actors: list, dim: int, timeout: float):
+        self._actors = actors
+        self._dim = dim
+        self.timeout = timeout
+
+    @staticmethod
+    def _spawn(num_shards: int, actor_options: Mapping | None) -> list:
+        from voxsearch.runtime import init_ray
+
+        ray = init_ray()
+        if actor_options is None:
+            # Fit all shards on a laptop's CPUs; on a cluster each shard gets a whole CPU.
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            actor_options = {"num_cpus": min(1.0, cpus / num_shards)}
+        actor = ray.remote(_Shard).options(**actor_options)
+        return [actor.remote() for _ in range(num_shards)]
+
+    def _get(self, refs):
+        import ray
+
+        return ray.get(refs, timeout=self.timeout)
+
+    @classmethod
+    def build(cls, ids: Sequence[str], vectors: np.ndarray, metadata: pa.Table | None = None, num_shards: int = 2,
+              config: IndexConfig | None = None, actor_options: Mapping | None = None,
+              timeout: float = 3600.0) -> "ShardedIndex":
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(ids):
+            raise ValueError(f"ShardedIndex.build: {len(ids)} ids for vectors of shape {vectors.shape}")
+        parts = _partition(ids, num_shards)
+        empty = [s for s, rows in enumerate(parts) if not len(rows)]
+        if empty:
+            raise ValueError(f"ShardedIndex.build: shards {empty} would be empty ({len(ids)} rows, {num_shards} shards)")
+        self = cls(cls._spawn(num_shards, actor_options), vectors.shape[1], timeout)
+        ids = np.asarray([str(i) for i in ids], dtype=object)
+        config = config or IndexConfig()
+        self._get([a.build.remote(ids[rows].tolist(), vectors[rows], _take(metadata, rows), config)
+                   for a, rows in zip(self._actors, parts)])
+        return self
+
+    @classmethod
+    def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True,
+             actor_options: Mapping | None = None, timeout: float = 3600.0) -> "ShardedIndex":
+        directory = Path(directory)
+        path = directory / SHARDED_MANIFEST
+        if not path.is_file():
+            raise IndexFormatError(f"{directory} is not a sharded voxsearch index (no {SHARDED_MANIFEST})")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != SHARDED_FORMAT:
+            raise IndexFormatError(f"{path}: format {manifest.get('format')!r} is not {SHARDED_FORMAT!r}")
+        self = cls(cls._spawn(manifest["num_shards"], actor_options), manifest["dim"], timeout)
+        self._get([a.load.remote(str(directory / name), mmap, verify) for a, name in zip(self._actors, manifest["shards"])])
+        return self
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._actors)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def __len__(self) -> int:
+        return sum(m["count"] for m in self.shard_manifests())
+
+    def shard_manifests(self) -> list[dict]:
+        return self._get([a.manifest.remote() for a in self._actors])
+
+    @property
+    def manifest(self) -> dict:
+        shards = self.shard_manifests()
+        recalls = [m.get("recall", {}).get("recall_at_k") for m in shards]
+        known = [(r, m["count"]) for r, m in zip(recalls, shards) if r is not None]
+        return {"format": SHARDED_FORMAT, "num_shards": self.num_shards, "dim": self._dim,
+                "count": sum(m["count"] for m in shards), "factories": [m["factory"] for m in shards],
+                # Row-weighted mean of the shards' measured recall (each vs exact search on its shard).
+                "recall_at_k": round(sum(r * c for r, c in known) / sum(c for _, c in known), 4) if known else None,
+                "shards": shards}
+
+    def ids(self) -> list[str]:
+        return [i for part in self._get([a.ids.remote() for a in self._actors]) for i in part]
+
+    def vector(self, item_id: str) -> np.ndarray:
+        """The stored vector of an indexed id (asks only the shard that owns it)."""
+        return self._get(self._actors[shard_of(str(item_id), self.num_shards)].vector.remote(str(item_id)))
+
+    def search(self, queries: np.ndarray, k: int = 10, filters: Mapping | None = None,
+               params: Mapping | None = None) -> list[list[Hit]]:
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.shape[-1] != self._dim:
+            raise ValueError(f"search queries: dimension {queries.shape[-1]}, the index has dimension {self._dim}")
+        per_shard = self._get([a.search.remote(queries, k, filters, params) for a in self._actors])
+        merged = []
+        for qi in range(len(queries)):
+            hits = [h for shard in per_shard for h in shard[qi]]
+            hits.sort(key=lambda h: (-h.score, h.id))
+            merged.append(hits[:k])
+        return merged
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: pa.Table | None = None,
+            replace: bool = False) -> int:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        ids = np.asarray([str(i) for i in ids], dtype=object)
+        parts = _partition(ids, self.num_shards)
+        refs = [a.add.remote(ids[rows].tolist(), vectors[rows], _take(metadata, rows), replace)
+                for a, rows in zip(self._actors, parts) if len(rows)]
+        return sum(self._get(refs))
+
+    def delete(self, ids: Sequence[str]) -> int:
+        ids = np.asarray([str(i) for i in ids], dtype=object)
+        parts = _partition(ids, self.num_shards)
+        return sum(self._get([a.delete.remote(ids[rows].tolist()) for a, rows in zip(self._actors, parts) if len(rows)]))
+
+    def compact(self) -> int:
+        """Compact every shard in parallel; returns the live row count."""
+        return sum(self._get([a.compact.remote() for a in self._actors]))
+
+    @property
+    def needs_compact(self) -> bool:
+        return any(m["deleted"] / max(m["rows"], 1) > 0.2 for m in self.shard_manifests())
+
+    def save(self, directory: str | Path) -> Path:
+        """Each shard saves crash-safely into its own folder, then sharded.json is swapped in."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = [f"shard-{s:05d}-of-{self.num_shards:05d}" for s in range(self.num_shards)]
+        self._get([a.save.remote(str(directory / name)) for a, name in zip(self._actors, names)])
+        manifest = {"format": SHARDED_FORMAT, "format_version": 1, "num_shards": self.num_shards, "dim": self._dim,
+                    "shards": names, "hash": "blake2b-64(id) mod num_shards"}
+        tmp = directory / f".tmp-{uuid.uuid4().hex}-{SHARDED_MANIFEST}"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, directory / SHARDED_MANIFEST)
+        return directory
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+
+    def __enter__(self) -> "ShardedIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,174 @@
+"""The catalog on disk: Parquet shards of series rows and of errors, written temp-then-rename.
+
+Layout of a catalog folder:
+  rows/part-<run>-<n>.parquet     one row per series (schema below + manifest extra columns)
+  errors/part-<run>-<n>.parquet   path, stage, reason, severity, run_id
+  catalog.json                    schema version and the history of runs
+A crash loses at most the shard being written; nothing half-written is ever read (readers skip
+temporary names) and the next run redoes what is missing (incremental by content hash).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CATALOG_SCHEMA_VERSION = 1
+ROWS_DIR, ERRORS_DIR, META_FILE = "rows", "errors", "catalog.json"
+
+SCHEMA = pa.schema([
+    ("study_id", pa.string()),
+    ("series_id", pa.string()),
+    ("patient_key", pa.string()),
+    ("source_path", pa.string()),
+    ("source_format", pa.string()),
+    ("source_files", pa.list_(pa.string())),
+    ("content_sha256", pa.string()),
+    ("modality", pa.string()),
+    ("body_part", pa.string()),
+    ("shape", pa.list_(pa.int32())),
+    ("spacing", pa.list_(pa.float64())),
+    ("orientation", pa.string()),
+    ("intensity_units", pa.string()),
+    ("window_center", pa.float64()),
+    ("window_width", pa.float64()),
+    ("report", pa.string()),
+    ("split", pa.string()),
+    ("findings", pa.string()),
+    ("abnormal", pa.bool_()),
+    ("study_date", pa.date32()),
+    ("schema_version", pa.int32()),
+    ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ("run_id", pa.string()),
+])
+ERRORS_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("severity", pa.string()),  # "error": the input is not in the catalog; "warning": it is, with a gap
+    ("run_id", pa.string()),
+    ("at", pa.timestamp("us", tz="UTC")),
+])
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def rows_table(rows: list[dict]) -> pa.Table:
+    """Known columns typed by SCHEMA; manifest extras appended as strings."""
+    extras = sorted({k for r in rows for k in r} - set(SCHEMA.names))
+    fields = list(SCHEMA) + [pa.field(k, pa.string()) for k in extras]
+    return pa.Table.from_pylist(rows, schema=pa.schema(fields, metadata={"voxsearch_schema_version": str(CATALOG_SCHEMA_VERSION)}))
+
+
+def _write_atomic(table: pa.Table, folder: Path, run_id: str, seq: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"part-{run_id}-{seq:05d}.parquet"
+    tmp = folder / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, final)
+    return final
+
+
+class CatalogWriter:
+    """Buffers rows and errors; flushes a shard every `shard_rows` rows."""
+
+    def __init__(self, root: Path, run_id: str, shard_rows: int = 1000):
+        self.root, self.run_id, self.shard_rows = Path(root), run_id, shard_rows
+        self.rows: list[dict] = []
+        self.errors: list[dict] = []
+        self.seq = 0
+        self.written_rows = 0
+        self.written_errors = 0
+
+    def add_row(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.shard_rows:
+            self.flush()
+
+    def add_error(self, path: str, stage: str, reason: str, severity: str = "error") -> None:
+        self.errors.append({"path": path, "stage": stage, "reason": reason, "severity": severity,
+                            "run_id": self.run_id, "at": now_utc()})
+
+    def flush(self) -> None:
+        if self.rows:
+            _write_atomic(rows_table(self.rows), self.root / ROWS_DIR, self.run_id, self.seq)
+            self.written_rows += len(self.rows)
+            self.rows = []
+            self.seq += 1
+        if self.errors:
+            _write_atomic(pa.Table.from_pylist(self.errors, schema=ERRORS_SCHEMA), self.root / ERRORS_DIR, self.run_id, self.seq)
+            self.written_errors += len(self.errors)
+            self.errors = []
+            self.seq += 1
+
+    def close(self, summary: dict) -> None:
+        self.flush()
+        meta = read_meta(self.root)
+        meta["schema_version"] = CATALOG_SCHEMA_VERSION
+        meta.setdefault("runs", []).append({"run_id": self.run_id, **summary})
+        tmp = self.root / f".{META_FILE}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+        os.replace(tmp, self.root / META_FILE)
+
+
+def read_meta(root: Path) -> dict:
+    path = Path(root) / META_FILE
+    if not path.is_file():
+        return {"schema_version": CATALOG_SCHEMA_VERSION, "runs": []}
+    meta = json.loads(path.read_text())
+    if int(meta.get("schema_version", 0)) > CATALOG_SCHEMA_VERSION:
+        raise ValueError(f"{root}: catalog schema version {meta['schema_version']} is newer than this code "
+                         f"({CATALOG_SCHEMA_VERSION}); upgrade voxsearch")
+    return meta
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("part-*.parquet") if not p.name.startswith("."))
+
+
+def _concat(paths: list[Path], schema: pa.Schema) -> pa.Table:
+    if not paths:
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
+
+
+def read_all_rows(path) -> pa.Table:
+    """Every row ever written (older versions of changed series included)."""
+    path = Path(path)
+    if path.is_file():
+        return pq.read_table(path)
+    return _concat(_shards(path / ROWS_DIR), SCHEMA)
+
+
+def read_catalog(path) -> pa.Table:
+    """The catalog: all shards, newest row per series_id, sorted by series_id."""
+    table = read_all_rows(path)
+    if table.num_rows == 0:
+        return table
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(table, sort_keys=[("series_id", "ascending"), ("ingested_at", "descending")])
+    table = table.take(order)
+    ids = table.column("series_id").to_pylist()
+    keep = [i for i, s in enumerate(ids) if i == 0 or s != ids[i - 1]]
+    return table.take(pa.array(keep, type=pa.int64()))
+
+
+def read_errors(path, all_runs: bool = False) -> pa.Table:
+    """Errors and warnings of the latest run (or of every run)."""
+    table = _concat(_shards(Path(path) / ERRORS_DIR), ERRORS_SCHEMA)
+    if all_runs or table.num_rows == 0:
+        return table
+    runs = read_meta(path).get("runs", [])
+    latest = runs[-1]["run_id"] if runs else max(table.column("run_id").to_pylist())
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table.column("run_id"), latest))

@@ -1,0 +1,186 @@
+"""Find what to ingest in an archive: manifest rows, M3D_Cap.json entries, or a folder walk.
+
+Produces plain JSON-able work items (one per file or DICOM container). Manifest identifier
+columns are hashed here, in the driver, so no identifier travels to the workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from voxsearch.ingest.deid import IDENTIFIER_COLUMNS, PATIENT_COLUMNS, salted_hash
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAMES = ("manifest.csv", "manifest.parquet")
+M3D_NAME = "M3D_Cap.json"
+KNOWN_COLUMNS = {"path", "report", "split", "findings", "abnormal", "modality", "body_part", "study_date",
+                 "study_id", "window_center", "window_width"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
+                 "validation": "validation", "test": "test", "testing": "test"}
+
+
+@dataclass
+class Discovery:
+    items: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # {"path", "stage", "reason"}
+
+
+def _clean(value):
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+def _read_manifest(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        # csv keeps every cell as text: ids like 00123 must keep their leading zeros.
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    if rows and "path" not in rows[0]:
+        raise ValueError(f"{path}: manifest needs a 'path' column (has {sorted(rows[0])})")
+    return rows
+
+
+def _item(source: Path, fmt: str, entry: dict, salt: str) -> dict:
+    meta = {}
+    extras = {}
+    patient_value = None
+    for key, value in entry.items():
+        key_l = key.strip().lower()
+        value = _clean(value)
+        if key_l in PATIENT_COLUMNS and value is not None and patient_value is None:
+            patient_value = str(value)
+        if key_l in IDENTIFIER_COLUMNS or key_l == "path" or key_l.startswith("_"):
+            continue
+        if key_l in KNOWN_COLUMNS:
+            meta[key_l] = value
+        elif value is not None:
+            extras[key_l] = str(value)
+    if meta.get("split") is not None:
+        split = SPLIT_ALIASES.get(str(meta["split"]).strip().lower())
+        meta["split"] = split
+    if meta.get("study_id") is not None:
+        meta["study_ref"] = salted_hash(salt, "study", str(meta.pop("study_id")))
+    else:
+        meta.pop("study_id", None)
+    return {
+        "source_path": str(source),
+        "source_format": fmt,
+        "meta": meta,
+        "extras": extras,
+        "patient_key": salted_hash(salt, "patient", patient_value) if patient_value else None,
+    }
+
+
+def _format_of(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith(".npy"):
+        return "npy"
+    if name.endswith(".zip") or path.is_dir():
+        return "dicom"
+    return None
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        return head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _m3d_items(json_path: Path, salt: str, out: Discovery) -> None:
+    try:
+        cap = json.loads(json_path.read_text())
+    except (OSError, ValueError) as exc:
+        out.errors.append({"path": str(json_path), "stage": "discover", "reason": f"unreadable M3D manifest: {exc}"})
+        return
+    root = json_path.parent
+    for split_name, entries in cap.items():
+        split = SPLIT_ALIASES.get(split_name.lower())
+        for entry in entries if isinstance(entries, list) else []:
+            image = root / str(entry.get("image", ""))
+            report = None
+            text = entry.get("text")
+            if text:
+                text_path = root / str(text)
+                report = text_path.read_text(errors="replace") if text_path.is_file() else (
+                    None if str(text).endswith(".txt") else str(text))
+            fmt = _format_of(image)
+            if not image.exists() or fmt is None:
+                out.errors.append({"path": str(image), "stage": "discover", "reason": "listed in M3D_Cap.json but missing or unsupported"})
+                continue
+            out.items.append(_item(image, fmt, {"split": split, "report": report}, salt))
+
+
+def discover(archive: Path, salt: str, manifest: Path | None = None) -> Discovery:
+    archive = Path(archive).resolve()
+    out = Discovery()
+    if not archive.exists():
+        raise FileNotFoundError(f"archive {archive} does not exist")
+    if archive.is_file() and _format_of(archive) is not None:
+        out.items.append(_item(archive, _format_of(archive), {}, salt))
+        return out
+    manifest = manifest or next((archive / n for n in MANIFEST_NAMES if (archive / n).is_file()), None)
+    if manifest is not None:
+        for entry in _read_manifest(Path(manifest)):
+            rel = _clean(entry.get("path"))
+            source = (Path(manifest).parent / str(rel)).resolve() if rel else None
+            if source is None or not source.exists():
+                out.errors.append({"path": str(source or manifest), "stage": "discover", "reason": "manifest path does not exist"})
+                continue
+            fmt = _format_of(source)
+            if fmt is None:
+                out.errors.append({"path": str(source), "stage": "discover", "reason": "unsupported file type"})
+                continue
+            out.items.append(_item(source, fmt, entry, salt))
+        for cap in sorted(archive.rglob(M3D_NAME)):
+            _m3d_items(cap, salt, out)
+    else:
+        _walk(archive, salt, out)
+    seen, unique = set(), []
+    for item in out.items:  # manifest first, then M3D: the first description of a path wins
+        if item["source_path"] not in seen:
+            seen.add(item["source_path"])
+            unique.append(item)
+    out.items = unique
+    return out
+
+
+def _walk(archive: Path, salt: str, out: Discovery) -> None:
+    dicom_dirs = set()
+    for cap in sorted(archive.rglob(M3D_NAME)):
+        _m3d_items(cap, salt, out)
+    for path in sorted(archive.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        name = path.name.lower()
+        if name.endswith((".nii", ".nii.gz", ".npy", ".zip")):
+            out.items.append(_item(path, _format_of(path), {}, salt))
+        elif _is_dicom_file(path):
+            dicom_dirs.add(path.parent)
+    for folder in sorted(dicom_dirs):
+        out.items.append(_item(folder, "dicom", {}, salt))

@@ -1,0 +1,98 @@
+"""Studies added through the API: a de-identified copy of each volume plus its catalog row.
+
+The original upload (DICOM headers and all) is deleted after processing; what is kept is only the voxel
+array and its spacing, rewritten as a plain NIfTI with no header text. Rows use the catalog's column
+names so the rest of the server treats both sources alike. Every write goes to a temp file first and
+is renamed into place, under a file lock shared by all replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class AddedStudies:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.volumes = self.directory / "volumes"
+        self.table_path = self.directory / "added_studies.parquet"
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._stamp: tuple | None = None
+
+    def _current_stamp(self) -> tuple | None:
+        try:
+            st = self.table_path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """All added rows, re-read when another replica has written since."""
+        stamp = self._current_stamp()
+        if stamp != self._stamp:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(self.table_path).to_pylist() if stamp else []
+            self._rows = {r["series_id"]: r for r in rows}
+            self._stamp = stamp
+        return self._rows
+
+    def get(self, series_id: str) -> dict[str, Any] | None:
+        return self.rows().get(series_id)
+
+    def find_content(self, content_sha256: str) -> dict[str, Any] | None:
+        return next((r for r in self.rows().values() if r.get("content_sha256") == content_sha256), None)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def add(self, row: dict[str, Any], array: np.ndarray, spacing) -> dict[str, Any]:
+        """Store the volume (X, Y, Z RAS) and its row; returns the stored row (with source_path set)."""
+        import nibabel as nib
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with self._locked():
+            self.volumes.mkdir(parents=True, exist_ok=True)
+            target = self.volumes / f"{row['series_id']}.nii.gz"
+            affine = np.diag([float(spacing[0]), float(spacing[1]), float(spacing[2]), 1.0])
+            image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
+            image.header.set_xyzt_units("mm")
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=self.volumes)
+            os.close(fd)
+            try:
+                nib.save(image, tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            stored = {**row, "source_path": str(target), "source_format": "nifti", "schema_version": SCHEMA_VERSION}
+            rows = dict(self.rows())
+            rows[stored["series_id"]] = stored
+            table = pa.Table.from_pylist(list(rows.values()))
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=self.directory)
+            os.close(fd)
+            try:
+                pq.write_table(table, tmp)
+                os.replace(tmp, self.table_path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._stamp = None
+            return stored

@@ -1,0 +1,564 @@
+"""The FastAPI ingress: HTTP API under /api/v1, the web page, auth, limits and metrics.
+
+The ingress validates and preprocesses uploads itself (they arrive here) and hands tensors, vectors and
+ids to the deployments behind it. Every failure caused by the request answers 4xx with a message that
+names the input by kind and size; client file names are never echoed or logged (they often hold
+patient names) and uploads are deleted as soon as they are read.
+"""
+
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from ray import serve
+
+from voxsearch import __version__
+from voxsearch.serve.auth import KeyChecker
+from voxsearch.serve.config import ServeConfig
+from voxsearch.serve.metrics import RequestMetrics
+from voxsearch.serve.public import normalise_filters, public_metadata, valid_series_id
+from voxsearch.serve.render import CT_WINDOWS, PLANES
+from voxsearch.serve.schemas import (
+    EmbedResponse,
+    ErrorResponse,
+    Health,
+    Readiness,
+    ReportResponse,
+    SearchResponse,
+    StudyResponse,
+    TextSearchRequest,
+)
+from voxsearch.serve.uploads import UploadError, clean_message, describe, prepare_upload, save_upload
+
+log = logging.getLogger("voxsearch.serve")
+STATIC_DIR = Path(__file__).with_name("static")
+UPLOAD_ROUTES = ("/api/v1/search/scan", "/api/v1/report", "/api/v1/embed")
+BODY_PART = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
+# Room for multipart framing around the file when comparing Content-Length with the upload limit.
+MULTIPART_SLACK = 64 * 1024
+BACKEND_TIMEOUT_S = 120.0
+
+DESCRIPTION = """Search an archive of 3D scans (CT, MRI) by free text or by example scan, add new studies,
+view slices and draft reports. Uploads: a NIfTI volume (.nii, .nii.gz) or a zip holding one DICOM series.
+When the server requires API keys, send `X-API-Key: <key>` (or `Authorization: Bearer <key>`)."""
+
+app = FastAPI(
+    title="voxsearch",
+    version=__version__,
+    description=DESCRIPTION,
+    docs_url="/api/v1/docs",
+    openapi_url="/api/v1/openapi.json",
+    redoc_url=None,
+)
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+          413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+
+
+class _Runtime:
+    """Per-replica state the middleware reads (set by the ingress constructor)."""
+
+    keys = KeyChecker([], required=False)
+    limits = None
+    metrics = RequestMetrics()
+
+
+def _error(status: int, detail: str, error: str | None = None) -> JSONResponse:
+    names = {400: "bad_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 411: "length_required",
+             413: "too_large", 415: "unsupported_media_type", 422: "unprocessable", 503: "unavailable"}
+    return JSONResponse({"error": error or names.get(status, "error"), "detail": detail}, status_code=status)
+
+
+@app.middleware("http")
+async def guard(request: Request, call_next):
+    started = time.perf_counter()
+    path = request.url.path
+    if not _Runtime.keys.allows(path, request.headers):
+        response = _error(401, "missing or invalid API key: send it in the X-API-Key header")
+    elif request.method == "POST" and path in UPLOAD_ROUTES and _Runtime.limits is not None:
+        response = _check_length(request) or await call_next(request)
+    else:
+        response = await call_next(request)
+    route = getattr(request.scope.get("route"), "path", None) or ("/static" if path.startswith("/static/") else "unmatched")
+    _Runtime.metrics.observe(request.method, route, response.status_code, time.perf_counter() - started)
+    return response
+
+
+def _check_length(request: Request) -> JSONResponse | None:
+    """Refuse an oversized upload from its Content-Length, before a byte of the body is read."""
+    length = request.headers.get("content-length")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        return None  # id-only requests; FastAPI answers 422 for a missing form
+    if length is None:
+        return _error(411, "uploads need a Content-Length header (chunked uploads are not accepted)")
+    try:
+        n = int(length)
+    except ValueError:
+        return _error(400, "Content-Length is not a number")
+    if n > _Runtime.limits.max_upload_bytes + MULTIPART_SLACK:
+        _Runtime.metrics.reject_upload(413)
+        return _error(413, f"upload of {n / 1e6:.0f} MB exceeds the limit of {_Runtime.limits.max_upload_bytes / 1e6:.0f} MB")
+    return None
+
+
+@app.exception_handler(UploadError)
+async def _upload_error(request: Request, exc: UploadError):
+    _Runtime.metrics.reject_upload(exc.status)
+    log.info("upload refused (%d): %s", exc.status, exc.message)
+    return _error(exc.status, exc.message)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    return _error(exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return _error(422, "; ".join(parts) or "invalid request", "invalid_request")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user-level exception inside a Ray task error."""
+    return getattr(exc, "cause", None) or exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(_cause(exc)).strip().splitlines()
+    return text[-1] if text else exc.__class__.__name__
+
+
+def _thumbs(series_id: str) -> dict[str, str]:
+    sid = quote(series_id, safe="")
+    return {plane: f"/api/v1/studies/{sid}/thumbnail/{plane}.png" for plane in PLANES}
+
+
+def _check_id(series_id: str) -> str:
+    if not valid_series_id(series_id):
+        raise HTTPException(400, "series_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+    return series_id
+
+
+def _form_filters(modality, body_part, split, abnormal) -> dict:
+    raw = {"modality": modality, "body_part": body_part, "split": split, "abnormal": abnormal}
+    return {k: v for k, v in raw.items() if v not in (None, "")}
+
+
+def _public_study(found: dict | None) -> dict:
+    out = dict(found or {})
+    for key in ("report", "report_excerpt", "series_id"):
+        out.pop(key, None)
+    return out
+
+
+def _stream_text(pieces, method: str) -> StreamingResponse:
+    async def body():
+        try:
+            if hasattr(pieces, "__aiter__"):
+                async for piece in pieces:
+                    yield piece
+            else:
+                for piece in pieces:
+                    yield piece
+        except Exception as exc:  # noqa: BLE001 - headers are sent; say it in the body instead
+            log.warning("report stream failed: %s", _first_line(exc))
+            yield f"\n[report generation failed: {_first_line(exc)}]"
+
+    return StreamingResponse(body(), media_type="text/plain; charset=utf-8", headers={"X-Report-Method": method})
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: ServeConfig, text_encoder, image_encoder, searcher, studies, reporter):
+        from voxsearch.encoders import read_clip_meta
+        from voxsearch.ingest import PreprocessConfig
+
+        self.config = config
+        self.text = text_encoder
+        self.image = image_encoder
+        self.searcher = searcher
+        self.studies = studies
+        self.reporter = reporter
+        self.limits = config.limits
+        _Runtime.keys = KeyChecker(config.resolved_api_keys(), config.keys_required())
+        _Runtime.limits = config.limits
+        meta = read_clip_meta(config.checkpoint)
+        image_size = tuple(meta.get("config", {}).get("image_size") or ())
+        stored = (meta.get("extra") or {}).get("preprocess")
+        self.preprocess = PreprocessConfig.from_dict(stored) if stored else PreprocessConfig(spatial_size=image_size)
+        if image_size and tuple(self.preprocess.spatial_size) != image_size:
+            raise ValueError(
+                f"checkpoint {config.checkpoint}: preprocess spatial_size {self.preprocess.spatial_size} "
+                f"differs from the model's image_size {image_size}"
+            )
+        self._caps: dict | None = None
+        self.replica = serve.get_replica_context().replica_tag
+
+    # ---------------------------------------------------------------- helpers
+    async def _call(self, response):
+        try:
+            return await asyncio.wait_for(response, BACKEND_TIMEOUT_S)
+        except (ValueError, KeyError) as exc:
+            raise HTTPException(400, _first_line(exc)) from None
+        except asyncio.TimeoutError:
+            raise HTTPException(503, "a backend deployment did not answer in time; retry") from None
+
+    async def capabilities(self) -> dict:
+        if self._caps is None:
+            self._caps = await self._call(self.reporter.capabilities.remote())
+        return self._caps
+
+    def _filters(self, filters: dict | None) -> dict:
+        try:
+            return normalise_filters(filters)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    def _k(self, k: int) -> int:
+        if not 1 <= k <= self.limits.max_k:
+            raise HTTPException(422, f"k must be between 1 and {self.limits.max_k}, got {k}")
+        return k
+
+    async def _read_upload(self, file: UploadFile, modality: str | None, configs: list) -> tuple[Any, list[np.ndarray], str]:
+        """Save, validate and decode an upload, then delete it. Returns (Volume, model inputs, description)."""
+        from voxsearch.ingest import preprocess_volume, read_volume_path
+
+        if modality not in (None, "", "CT", "MR"):
+            raise UploadError(422, f"modality must be CT or MR, got {modality!r}")
+        workdir, path, size = await save_upload(file, self.limits, self.config.upload_dir)
+        upload = None
+        try:
+            upload = await asyncio.to_thread(prepare_upload, workdir, path, size, self.limits)
+            what = describe(upload.kind, size)
+
+            def decode():
+                volume = read_volume_path(upload.path, modality=modality or None, max_voxels=self.limits.max_voxels)
+                arrays = [preprocess_volume(volume, cfg, name="upload") for cfg in configs]
+                return volume, arrays
+
+            try:
+                volume, arrays = await asyncio.to_thread(decode)
+            except MemoryError:
+                raise UploadError(413, f"{what} is too large to decode on this server") from None
+            except Exception as exc:  # noqa: BLE001 - corrupt files raise anything; all are the client's input
+                raise UploadError(422, f"{what} could not be read as a scan: {clean_message(exc, upload)}") from None
+            log.info("upload decoded: %s, %d voxels, modality %s", upload.kind, upload.voxels, volume.modality)
+            return volume, arrays, what
+        finally:
+            if upload is not None:
+                upload.cleanup()
+            else:
+                import shutil
+
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _results(self, hits: list[dict], exclude: str | None, k: int) -> list[dict]:
+        hits = [h for h in hits if h["id"] != exclude][:k]
+        described = await self._call(self.studies.describe_many.remote([h["id"] for h in hits]))
+        results = []
+        for rank, hit in enumerate(hits, 1):
+            known = described.get(hit["id"])
+            metadata = {**public_metadata(hit.get("metadata") or {}), **(known or {})}
+            excerpt = metadata.pop("report_excerpt", None)
+            metadata.pop("series_id", None)
+            results.append({
+                "rank": rank, "series_id": hit["id"], "score": round(float(hit["score"]), 6),
+                "report_excerpt": excerpt, "metadata": metadata, "thumbnails": _thumbs(hit["id"]),
+                "url": f"/api/v1/studies/{quote(hit['id'], safe='')}",
+            })
+        return results
+
+    async def _search(self, vector: np.ndarray, k: int, filters: dict, exclude: str | None = None):
+        extra = 1 if exclude else 0
+        hits = (await self._call(self.searcher.search.remote(np.asarray(vector, np.float32)[None], k + extra, filters)))[0]
+        return await self._results(hits, exclude, k)
+
+    async def _index_info(self) -> dict:
+        return await self._call(self.searcher.info.remote())
+
+    async def _study_vector(self, series_id: str) -> np.ndarray:
+        """An indexed study's stored vector, or its encoding when the index cannot give it back."""
+        vectors = await self._call(self.searcher.vectors.remote([series_id]))
+        if vectors.get(series_id) is not None:
+            return vectors[series_id]
+        if not await self._call(self.studies.has.remote(series_id)):
+            raise HTTPException(404, f"no study with series_id {series_id}")
+        volume = await self._call(self.studies.model_input.remote(series_id, self.preprocess.to_dict()))
+        return await self._call(self.image.encode.remote(volume))
+
+    # ---------------------------------------------------------------- page
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str):
+        allowed = {p.name for p in STATIC_DIR.iterdir() if p.is_file()}
+        if name not in allowed:
+            raise HTTPException(404, "no such static file")
+        return FileResponse(STATIC_DIR / name)
+
+    # ---------------------------------------------------------------- probes
+    @app.get("/api/v1/health", response_model=Health, tags=["operations"])
+    async def health(self):
+        """Liveness: the ingress answers."""
+        return {"status": "ok"}
+
+    @app.get("/api/v1/ready", response_model=Readiness, tags=["operations"],
+             responses={503: {"model": Readiness}})
+    async def ready(self):
+        """Readiness: every deployment answers and the index is loaded."""
+        checks = {
+            "searcher": self.searcher.info.remote(),
+            "studies": self.studies.size.remote(),
+            "text_encoder": self.text.dim.remote(),
+            "image_encoder": self.image.stats.remote(),
+            "reporter": self.reporter.capabilities.remote(),
+        }
+        components, ok = {}, True
+        for name, response in checks.items():
+            try:
+                components[name] = await asyncio.wait_for(response, 10)
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+                components[name] = {"error": _first_line(exc)}
+                ok = False
+        body = {"ready": ok, "components": components}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/api/v1/metrics", response_class=PlainTextResponse, tags=["operations"])
+    async def metrics(self):
+        """Prometheus text format: requests, latency, rejected uploads, index size and version."""
+        gauges: dict[str, float] = {}
+        try:
+            info = await asyncio.wait_for(self.searcher.info.remote(), 10)
+            gauges.update(index_size=info["size"], index_reloads=info["reloads"], index_poll_errors=info["poll_errors"])
+            stats = await asyncio.wait_for(self.image.stats.remote(), 10)
+            gauges.update(image_batches_total=stats["batches"], image_batch_size_mean=stats["mean_batch"])
+        except Exception as exc:  # noqa: BLE001 - metrics stay available when a backend is down
+            gauges["backend_up"] = 0
+            log.warning("metrics: backend query failed: %s", _first_line(exc))
+        else:
+            gauges["backend_up"] = 1
+        return PlainTextResponse(_Runtime.metrics.render(str(self.replica), gauges),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/api/v1/filters", tags=["search"])
+    async def filters(self) -> dict[str, Any]:
+        """The values each filter can take in this archive (for building a search form)."""
+        values = await self._call(self.studies.filter_values.remote())
+        return {**values, "abnormal": [True, False]}
+
+    # ---------------------------------------------------------------- search
+    @app.post("/api/v1/search/text", response_model=SearchResponse, responses=ERRORS, tags=["search"])
+    async def search_text(self, body: TextSearchRequest):
+        """Studies whose scans best match a free-text description."""
+        started = time.perf_counter()
+        query = body.query.strip()
+        if not query:
+            raise HTTPException(422, "query is empty")
+        if len(query) > self.limits.max_query_chars:
+            raise HTTPException(422, f"query has {len(query)} characters, over the limit of {self.limits.max_query_chars}")
+        k = self._k(body.k)
+        filters = self._filters(body.filters.model_dump(exclude_none=True) if body.filters else None)
+        vector = await self._call(self.text.encode.remote(query))
+        results = await self._search(vector, k, filters)
+        info = await self._index_info()
+        return {"results": results, "index_version": info["version"], "took_ms": (time.perf_counter() - started) * 1e3,
+                "query": {"text": query, "k": k, "filters": filters}}
+
+    @app.post("/api/v1/search/scan", response_model=SearchResponse, responses=ERRORS, tags=["search"])
+    async def search_scan(
+        self,
+        file: UploadFile | None = File(None, description="NIfTI (.nii/.nii.gz) or zip of one DICOM series"),
+        series_id: str | None = Form(None, description="an indexed study to search from, instead of a file"),
+        k: int = Form(10),
+        modality: str | None = Form(None, description="filter: CT or MR"),
+        body_part: str | None = Form(None),
+        split: str | None = Form(None),
+        abnormal: bool | None = Form(None),
+        scan_modality: str | None = Form(None, description="the upload's modality when the file does not say (NIfTI)"),
+    ):
+        """Studies most similar to an uploaded scan or to an indexed study."""
+        started = time.perf_counter()
+        k = self._k(k)
+        filters = self._filters(_form_filters(modality, body_part, split, abnormal))
+        if (file is None) == (not series_id):
+            raise HTTPException(422, "send exactly one of: file (an upload) or series_id (an indexed study)")
+        if file is not None:
+            _, (volume,), _ = await self._read_upload(file, scan_modality, [self.preprocess])
+            vector = await self._call(self.image.encode.remote(volume))
+            exclude = None
+        else:
+            exclude = _check_id(series_id)
+            vector = await self._study_vector(exclude)
+        results = await self._search(vector, k, filters, exclude=exclude)
+        info = await self._index_info()
+        return {"results": results, "index_version": info["version"], "took_ms": (time.perf_counter() - started) * 1e3,
+                "query": {"series_id": exclude, "upload": file is not None, "k": k, "filters": filters}}
+
+    # ---------------------------------------------------------------- studies
+    @app.get("/api/v1/studies/{series_id}", response_model=StudyResponse, responses=ERRORS, tags=["studies"])
+    async def study(self, series_id: str):
+        """A study's metadata, full report and slice counts."""
+        _check_id(series_id)
+        found = await self._call(self.studies.study.remote(series_id))
+        if found is None:
+            raise HTTPException(404, f"no study with series_id {series_id}")
+        try:
+            slices = await self._call(self.studies.slices.remote(series_id))
+        except HTTPException:
+            slices = {}
+        report = found.pop("report", None)
+        found.pop("report_excerpt", None)
+        found.pop("series_id", None)
+        return {"series_id": series_id, "metadata": found, "report": report, "slices": slices,
+                "thumbnails": _thumbs(series_id)}
+
+    async def _png(self, series_id: str, plane: str, index: int | None, window: str | None, size: int) -> Response:
+        _check_id(series_id)
+        if plane not in PLANES:
+            raise HTTPException(404, f"unknown plane '{plane}'; use one of {', '.join(PLANES)}")
+        if window is not None and window not in CT_WINDOWS:
+            raise HTTPException(422, f"unknown window '{window}'; use one of {', '.join(CT_WINDOWS)}")
+        if not await self._call(self.studies.has.remote(series_id)):
+            raise HTTPException(404, f"no study with series_id {series_id}")
+        png = await self._call(self.studies.render.remote(series_id, plane, index, window, size))
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/v1/studies/{series_id}/thumbnail/{plane}.png", response_class=Response, responses=ERRORS,
+             tags=["studies"])
+    async def thumbnail(self, series_id: str, plane: str, size: int = Query(192, ge=32, le=512),
+                        window: str | None = Query(None, description="CT window: soft, lung, bone, brain")):
+        """The mid-slice of one plane (axial, coronal or sagittal) as PNG."""
+        return await self._png(series_id, plane, None, window, size)
+
+    @app.get("/api/v1/studies/{series_id}/slices/{plane}/{index}.png", response_class=Response, responses=ERRORS,
+             tags=["studies"])
+    async def slice_png(self, series_id: str, plane: str, index: int, size: int = Query(384, ge=32, le=1024),
+                        window: str | None = Query(None)):
+        """Any slice of one plane as PNG (for scrolling through a study)."""
+        return await self._png(series_id, plane, index, window, size)
+
+    # ---------------------------------------------------------------- reports
+    @app.post("/api/v1/report", response_model=ReportResponse, responses=ERRORS, tags=["reports"])
+    async def report(
+        self,
+        file: UploadFile | None = File(None),
+        series_id: str | None = Form(None),
+        method: str = Form("auto", description="auto (the report model if configured), generate or retrieval"),
+        stream: bool | None = Form(None, description="stream text/plain; default: when the text is long"),
+        prompt: str | None = Form(None, description="instruction for the report model"),
+        max_new_tokens: int = Form(256, ge=1, le=1024),
+        scan_modality: str | None = Form(None),
+    ):
+        """Draft a report for an uploaded scan or an indexed study.
+
+        With a report model configured, `generate` runs it (streamed token by token). Otherwise the draft
+        is retrieval-based: composed from the reports of the most similar indexed training studies, and
+        it says so.
+        """
+        if (file is None) == (not series_id):
+            raise HTTPException(422, "send exactly one of: file (an upload) or series_id (an indexed study)")
+        caps = await self.capabilities()
+        if method not in ("auto", "generate", "retrieval"):
+            raise HTTPException(422, f"method must be auto, generate or retrieval, got {method!r}")
+        if method == "generate" and not caps["generator"]:
+            raise HTTPException(409, "no report model is configured on this server; use method=retrieval")
+        chosen = "generate" if method == "generate" or (method == "auto" and caps["generator"]) else "retrieval"
+        if prompt and len(prompt) > self.limits.max_query_chars:
+            raise HTTPException(422, f"prompt is over {self.limits.max_query_chars} characters")
+        from voxsearch.ingest import PreprocessConfig
+
+        report_pp = PreprocessConfig.from_dict(caps["generator_preprocess"]) if chosen == "generate" else None
+        exclude: list[str] = []
+        report_volume = None
+        if file is not None:
+            configs = [self.preprocess] + ([report_pp] if report_pp is not None and report_pp != self.preprocess else [])
+            _, arrays, _ = await self._read_upload(file, scan_modality, configs)
+            clip_volume = arrays[0]
+            report_volume = arrays[-1]
+            embedding = None if chosen == "generate" else await self._call(self.image.encode.remote(clip_volume))
+        else:
+            sid = _check_id(series_id)
+            exclude = [sid]
+            if chosen == "generate":
+                if not await self._call(self.studies.has.remote(sid)):
+                    raise HTTPException(404, f"no study with series_id {sid}")
+                report_volume = await self._call(self.studies.model_input.remote(sid, report_pp.to_dict()))
+                embedding = None
+            else:
+                embedding = await self._study_vector(sid)
+
+        if chosen == "retrieval":
+            draft = await self._call(self.reporter.retrieval.remote(embedding, exclude))
+            note = "retrieval-based draft: sentences from the reports of the most similar indexed training studies"
+            if stream:
+                return _stream_text([draft["report"]], "retrieval")
+            return {**draft, "note": note}
+
+        pieces = self.reporter.options(stream=True).generate_stream.remote(report_volume, prompt, max_new_tokens)
+        if stream is False:
+            text = "".join([p async for p in pieces]).strip()
+            return {"method": "generate", "report": text, "sources": [],
+                    "note": "generated by the configured report model; review before use"}
+        return _stream_text(pieces, "generate")
+
+    # ---------------------------------------------------------------- new studies
+    @app.post("/api/v1/embed", response_model=EmbedResponse, status_code=201, responses=ERRORS, tags=["studies"])
+    async def embed(
+        self,
+        file: UploadFile = File(..., description="NIfTI (.nii/.nii.gz) or zip of one DICOM series"),
+        report: str | None = Form(None, description="the study's report, if any"),
+        scan_modality: str | None = Form(None, description="CT or MR when the file does not say"),
+        body_part: str | None = Form(None),
+    ):
+        """Add a new study: it is validated, de-identified (only voxels and spacing are kept), embedded and
+        added to the index; searches see it as soon as this returns."""
+        if report is not None and len(report) > self.limits.max_report_chars:
+            raise HTTPException(422, f"report is over {self.limits.max_report_chars} characters")
+        if body_part is not None and not BODY_PART.match(body_part):
+            raise HTTPException(422, "body_part must be 1-64 letters, digits, spaces, '_' or '-'")
+        volume, (array,), what = await self._read_upload(file, scan_modality, [self.preprocess])
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
+        digest.update(np.asarray(volume.spacing, dtype=np.float64).round(4).tobytes())
+        content = digest.hexdigest()
+        series_id = f"api-{content[:24]}"
+        known = await self._call(self.searcher.contains.remote([series_id]))
+        if known.get(series_id) and await self._call(self.studies.has.remote(series_id)):
+            info = await self._index_info()
+            found = await self._call(self.studies.study.remote(series_id))
+            return JSONResponse({
+                "series_id": series_id, "duplicate": True, "index_version": info["version"],
+                "index_size": info["size"], "metadata": _public_study(found), "thumbnails": _thumbs(series_id),
+            }, status_code=200)
+        vector = await self._call(self.image.encode.remote(array))
+        row = {
+            "series_id": series_id, "study_id": f"api-study-{content[:16]}", "modality": volume.modality,
+            "body_part": body_part, "split": "added", "abnormal": None, "report": report,
+            "shape": [int(s) for s in volume.array.shape], "spacing": [float(s) for s in volume.spacing],
+            "orientation": "RAS", "content_sha256": content, "findings": None,
+        }
+        await self._call(self.studies.add.remote(row, volume.array, volume.spacing))
+        index_meta = {k: row.get(k) for k in ("study_id", "modality", "body_part", "split", "abnormal")}
+        result = await self._call(self.searcher.add.remote([series_id], vector[None], [index_meta]))
+        log.info("added study %s (%s) to index version %s", series_id, what, result["version"])
+        found = await self._call(self.studies.study.remote(series_id))
+        return {"series_id": series_id, "duplicate": False, "index_version": result["version"],
+                "index_size": result["size"], "metadata": _public_study(found), "thumbnails": _thumbs(series_id)}
+

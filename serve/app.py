@@ -1,0 +1,114 @@
+"""Compose the deployments behind the ingress and run them on Ray Serve (local Ray or a cluster)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+from voxsearch.serve.config import ServeConfig
+
+log = logging.getLogger("voxsearch.serve")
+
+
+def added_dir(config: ServeConfig) -> str:
+    """Where API-added studies live: the configured data_dir, else beside the index."""
+    if config.data_dir:
+        return str(Path(config.data_dir))
+    index = Path(config.index).resolve()
+    return str(index.parent / f"{index.name}.added")
+
+
+def build_app(config: ServeConfig):
+    """The Serve application: Ingress(TextEncoder, ImageEncoder, IndexSearcher, StudyStore, ReportDrafter)."""
+    from voxsearch.serve.api import Ingress
+    from voxsearch.serve.deployments import ImageEncoder, IndexSearcher, ReportDrafter, StudyStore, TextEncoder
+
+    d = config.deployments
+    # Paths are made absolute here: replicas may start in another working directory (or on another node).
+    config = replace(
+        config,
+        index=str(Path(config.index).resolve()),
+        checkpoint=str(Path(config.checkpoint).resolve()),
+        catalog=str(Path(config.catalog).resolve()),
+        report_model=str(Path(config.report_model).resolve()) if config.report_model else None,
+    )
+    text = TextEncoder.options(**d.text_encoder.serve_options()).bind(config)
+    image = ImageEncoder.options(**d.image_encoder.serve_options()).bind(config)
+    searcher = IndexSearcher.options(**d.searcher.serve_options()).bind(config)
+    studies = StudyStore.options(**d.studies.serve_options()).bind(config, added_dir(config))
+    reporter = ReportDrafter.options(**d.reporter.serve_options()).bind(config, searcher, studies)
+    return Ingress.options(**d.ingress.serve_options()).bind(config, text, image, searcher, studies, reporter)
+
+
+def serve_http_port(default: int) -> int:
+    """The port Serve's HTTP proxy really listens on (an earlier serve.start in this cluster wins)."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        return int(_get_global_client().http_config.port)
+    except Exception:  # noqa: BLE001 - private API; fall back to what was asked for
+        return default
+
+
+def start(config: ServeConfig, ray_address: str | None = None, ready_timeout_s: float = 300.0) -> str:
+    """Start (or update) the app and wait until /api/v1/ready answers 200; returns the base URL."""
+    from ray import serve
+
+    from voxsearch.runtime import RayConfig, init_ray
+
+    config.validate()
+    init_ray(RayConfig(address=ray_address))
+    serve.start(http_options={"host": config.host, "port": config.port})
+    port = serve_http_port(config.port)
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    url = f"http://{host}:{port}"
+    wait_ready(url, ready_timeout_s)
+    return url
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/api/v1/ready", timeout=10) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"voxsearch app at {url} was not ready after {timeout_s:.0f}s (last: {last})")
+
+
+def stop(config: ServeConfig) -> None:
+    from ray import serve
+
+    serve.delete(config.app_name)
+
+
+def serve_until_stopped(config: ServeConfig, ray_address: str | None = None, exit_after: float | None = None,
+                        banner=None) -> int:
+    """Start the app, print where it is, block until Ctrl-C or `exit_after` seconds, then remove it."""
+    url = start(config, ray_address=ray_address)
+    print(f"voxsearch is serving at {url}/  (API docs: {url}/api/v1/docs)", flush=True)
+    if banner:
+        banner(url)
+    try:
+        if exit_after is not None:
+            time.sleep(max(0.0, exit_after))
+        else:
+            print("press Ctrl-C to stop", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
+    finally:
+        stop(config)
+    return 0

@@ -1,0 +1,203 @@
+"""The serving configuration: one typed dataclass tree, loadable from one JSON or YAML file.
+
+Every field has a default sized for a 2-core laptop; a cluster config overrides replicas and resources.
+Unknown keys are an error, so a typo in a config file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class ServeConfigError(ValueError):
+    """A config file or value that cannot be served."""
+
+
+@dataclass
+class DeploymentOptions:
+    """Replicas and resources of one Ray Serve deployment."""
+
+    num_replicas: int = 1
+    # Fractional CPUs: five deployments plus the ingress must fit on 2 cores next to Ray Data jobs.
+    num_cpus: float = 0.2
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 16
+    # Threads torch may use inside the replica; 0 leaves torch's default.
+    torch_threads: int = 1
+    # Optional Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...).
+    autoscaling: dict | None = None
+
+    def serve_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling:
+            options["autoscaling_config"] = dict(self.autoscaling)
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+@dataclass
+class Deployments:
+    ingress: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64))
+    text_encoder: DeploymentOptions = field(default_factory=DeploymentOptions)
+    image_encoder: DeploymentOptions = field(default_factory=DeploymentOptions)
+    searcher: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64))
+    studies: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=32))
+    reporter: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=4))
+
+
+@dataclass
+class BatchOptions:
+    """Request batching of the image and text encoders (@serve.batch)."""
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+
+
+@dataclass
+class Limits:
+    """What an upload may be; anything beyond is refused with a 4xx before it costs memory."""
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    # ~512 x 512 x 1500 voxels (1.6 GB as float32 while decoding); the model input is much smaller.
+    max_voxels: int = 400_000_000
+    max_zip_entries: int = 5000
+    max_zip_uncompressed_bytes: int = 4 * 1024**3
+    # A ratio above this per entry is treated as a zip bomb (DICOM compresses ~2-5x; bombs ~1000x).
+    max_zip_ratio: float = 200.0
+    max_query_chars: int = 1000
+    max_k: int = 100
+    max_report_chars: int = 20_000
+
+
+@dataclass
+class ServeConfig:
+    # Inputs (filled by the command line when not in the file).
+    index: str | None = None
+    checkpoint: str | None = None
+    catalog: str | None = None
+    # Optional report model directory (voxsearch.encoders.report_model); None: retrieval-based drafts.
+    report_model: str | None = None
+    # Where studies added through /embed are kept (de-identified volumes + their catalog rows).
+    data_dir: str | None = None
+    # Where uploads are unpacked while processed (deleted right after); None: the system temp folder.
+    upload_dir: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "voxsearch"
+    # None: keys are required exactly when the host is not a loopback address.
+    require_api_key: bool | None = None
+    api_keys: list[str] = field(default_factory=list)
+    # A file with one key per line (keeps keys out of the config file and the process list).
+    api_keys_file: str | None = None
+
+    deployments: Deployments = field(default_factory=Deployments)
+    batching: BatchOptions = field(default_factory=BatchOptions)
+    limits: Limits = field(default_factory=Limits)
+
+    # How often searcher replicas look for a new index version on disk.
+    index_poll_s: float = 2.0
+    # How many reports of nearby training studies a retrieval-based draft reads.
+    draft_neighbours: int = 5
+    excerpt_chars: int = 240
+    # Volumes kept in memory for slice rendering, per study-store replica.
+    volume_cache: int = 8
+    # Reports longer than this (characters) are streamed by default.
+    stream_threshold_chars: int = 600
+
+    def keys_required(self) -> bool:
+        if self.require_api_key is not None:
+            return self.require_api_key
+        return self.host not in LOOPBACK_HOSTS
+
+    def resolved_api_keys(self) -> list[str]:
+        keys = [k.strip() for k in self.api_keys if k.strip()]
+        env = os.environ.get("VOXSEARCH_API_KEYS", "")
+        keys += [k.strip() for k in env.split(",") if k.strip()]
+        if self.api_keys_file:
+            path = Path(self.api_keys_file)
+            if not path.is_file():
+                raise ServeConfigError(f"api_keys_file {path} does not exist")
+            keys += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return keys
+
+    def validate(self) -> None:
+        for name in ("index", "checkpoint", "catalog"):
+            value = getattr(self, name)
+            if not value:
+                raise ServeConfigError(f"serve config: '{name}' is required")
+            if not Path(value).exists():
+                raise ServeConfigError(f"serve config: {name} path {value} does not exist")
+        if self.report_model and not Path(self.report_model).is_dir():
+            raise ServeConfigError(f"serve config: report_model directory {self.report_model} does not exist")
+        if not (0 < self.port < 65536):
+            raise ServeConfigError(f"serve config: port {self.port} is out of range")
+        if self.keys_required() and not self.resolved_api_keys():
+            raise ServeConfigError(
+                f"serving on {self.host} (not loopback) requires API keys: set api_keys_file in the config, "
+                "or VOXSEARCH_API_KEYS, or require_api_key: false if a proxy in front authenticates"
+            )
+        if any(len(k) < 16 for k in self.resolved_api_keys()):
+            raise ServeConfigError("serve config: every API key must be at least 16 characters")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise ServeConfigError(f"serve config: {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ServeConfigError(
+            f"serve config: unknown key(s) {unknown} in {where or 'top level'}; known: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls, name))
+        kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip(".")) if sub else value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (ServeConfig, "deployments"): Deployments,
+    (ServeConfig, "batching"): BatchOptions,
+    (ServeConfig, "limits"): Limits,
+    **{(Deployments, f.name): DeploymentOptions for f in dataclasses.fields(Deployments)},
+}
+
+
+def serve_config_from_dict(data: dict) -> ServeConfig:
+    return _build(ServeConfig, data, "")
+
+
+def load_serve_config(path: str | os.PathLike) -> ServeConfig:
+    """Read a ServeConfig from a .json, .yaml or .yml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ServeConfigError(f"serve config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - both parsers raise their own types
+        raise ServeConfigError(f"serve config file {path} is not valid {path.suffix.lstrip('.')}: {exc}") from exc
+    return serve_config_from_dict(data)

@@ -1,0 +1,248 @@
+"""The Ray Serve deployments behind the ingress: encoders, index searcher, study store, report drafter.
+
+Each holds one model or data structure and does CPU work in a worker thread, so a replica's event loop
+keeps answering health checks and other requests while torch or faiss runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from voxsearch.serve.config import ServeConfig
+
+log = logging.getLogger("voxsearch.serve")
+
+
+def _torch_threads(n: int) -> None:
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def _load_clip(checkpoint: str):
+    from voxsearch.encoders import load_clip
+
+    return load_clip(checkpoint).prepare_for_inference()
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoder:
+    """Query text -> L2-normalised embedding in the shared image-text space; batches concurrent queries."""
+
+    def __init__(self, config: ServeConfig):
+        _torch_threads(config.deployments.text_encoder.torch_threads)
+        self.model = _load_clip(config.checkpoint)
+        self.encode.set_max_batch_size(config.batching.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)
+
+    def _run(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.encode_text(texts).float().cpu().numpy()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def encode(self, texts: list[str]) -> list[np.ndarray]:
+        vectors = await asyncio.to_thread(self._run, texts)
+        return list(vectors)
+
+    def dim(self) -> int:
+        return int(self.model.config.embed_dim)
+
+
+@serve.deployment(name="ImageEncoder")
+class ImageEncoder:
+    """Preprocessed (1, D, H, W) volumes -> embeddings; concurrent requests are batched (@serve.batch)."""
+
+    def __init__(self, config: ServeConfig):
+        _torch_threads(config.deployments.image_encoder.torch_threads)
+        self.model = _load_clip(config.checkpoint)
+        self.expected = tuple(int(s) for s in self.model.config.image_size)
+        self.batch_sizes: list[int] = []
+        self.encode.set_max_batch_size(config.batching.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)
+
+    def _run(self, volumes: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        batch = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in volumes]))
+        with torch.inference_mode():
+            return self.model.encode_image(batch).float().cpu().numpy()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def encode(self, volumes: list[np.ndarray]) -> list[np.ndarray]:
+        for v in volumes:
+            if tuple(v.shape[-3:]) != self.expected:
+                # Upstream preprocessing decides the shape; a mismatch is a server config bug, not user input.
+                raise ValueError(f"volume of shape {tuple(v.shape)} does not match the model's {self.expected}")
+        self.batch_sizes.append(len(volumes))
+        vectors = await asyncio.to_thread(self._run, volumes)
+        return list(vectors)
+
+    def stats(self) -> dict[str, Any]:
+        sizes = self.batch_sizes[-1000:]
+        return {"batches": len(self.batch_sizes), "max_batch": max(sizes, default=0),
+                "mean_batch": float(np.mean(sizes)) if sizes else 0.0}
+
+
+@serve.deployment(name="IndexSearcher")
+class IndexSearcher:
+    """Holds the vector index; a poller thread swaps in a new on-disk version while searches go on."""
+
+    def __init__(self, config: ServeConfig):
+        from voxsearch.serve.index_holder import IndexHolder
+
+        _torch_threads(config.deployments.searcher.torch_threads)
+        self.holder = IndexHolder(config.index)
+        self.poll_s = config.index_poll_s
+        self._stop = threading.Event()
+        self.poll_errors = 0
+        threading.Thread(target=self._poll, name="index-poller", daemon=True).start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.holder.reload()
+            except Exception as exc:  # noqa: BLE001 - a broken new version must not stop the live one
+                self.poll_errors += 1
+                log.warning("index reload failed, still serving version %s: %s", self.holder.version, exc)
+
+    async def search(self, vectors: np.ndarray, k: int, filters: dict | None) -> list[list[dict]]:
+        return await asyncio.to_thread(self.holder.search, vectors, k, filters)
+
+    async def add(self, ids: list[str], vectors: np.ndarray, metadata_rows: list[dict]) -> dict:
+        import pyarrow as pa
+
+        table = pa.Table.from_pylist(metadata_rows) if metadata_rows else None
+        return await asyncio.to_thread(self.holder.add, ids, vectors, table)
+
+    async def vectors(self, ids: list[str]) -> dict[str, np.ndarray | None]:
+        return await asyncio.to_thread(self.holder.vectors, ids)
+
+    async def contains(self, ids: list[str]) -> dict[str, bool]:
+        return await asyncio.to_thread(self.holder.contains, ids)
+
+    def info(self) -> dict:
+        return {**self.holder.info(), "poll_errors": self.poll_errors}
+
+    def check_health(self) -> None:
+        if self.holder.index is None:
+            raise RuntimeError("no index loaded")
+
+    def __del__(self):
+        self._stop.set()
+
+
+@serve.deployment(name="StudyStore")
+class StudyStore:
+    """Catalog metadata, reports and slice rendering (with a small cache of decoded volumes)."""
+
+    def __init__(self, config: ServeConfig, added_dir: str):
+        from voxsearch.serve.studies import StudyCatalog
+
+        _torch_threads(config.deployments.studies.torch_threads)
+        self.catalog = StudyCatalog(config.catalog, added_dir, config.volume_cache, config.excerpt_chars)
+
+    async def describe_many(self, ids: list[str]) -> dict[str, dict]:
+        return self.catalog.describe_many(ids)
+
+    async def study(self, series_id: str) -> dict | None:
+        if not self.catalog.has(series_id):
+            return None
+        return self.catalog.public(series_id, with_report=True)
+
+    async def reports(self, ids: list[str]) -> dict[str, str | None]:
+        return self.catalog.reports(ids)
+
+    async def has(self, series_id: str) -> bool:
+        return self.catalog.has(series_id)
+
+    async def find_content(self, sha: str) -> str | None:
+        return self.catalog.find_content(sha)
+
+    async def slices(self, series_id: str) -> dict[str, int]:
+        return await asyncio.to_thread(self.catalog.slices, series_id)
+
+    async def render(self, series_id: str, plane: str, index: int | None, window: str | None, max_side: int) -> bytes:
+        return await asyncio.to_thread(self.catalog.render, series_id, plane, index, window, max_side)
+
+    async def model_input(self, series_id: str, preprocess: dict) -> np.ndarray:
+        from voxsearch.ingest import PreprocessConfig
+
+        return await asyncio.to_thread(self.catalog.model_input, series_id, PreprocessConfig.from_dict(preprocess))
+
+    async def add(self, row: dict, array: np.ndarray, spacing) -> dict:
+        return await asyncio.to_thread(self.catalog.added.add, row, array, spacing)
+
+    def filter_values(self) -> dict:
+        return self.catalog.filter_values()
+
+    def size(self) -> int:
+        return len(self.catalog)
+
+
+@serve.deployment(name="ReportDrafter")
+class ReportDrafter:
+    """Report drafts: a report model when one is configured, else a retrieval-based draft.
+
+    The retrieval draft reads the reports of the nearest indexed *training* studies, so a test study
+    never drafts from its own report.
+    """
+
+    def __init__(self, config: ServeConfig, searcher, studies):
+        self.searcher = searcher
+        self.studies = studies
+        self.neighbours = config.draft_neighbours
+        self.model = None
+        if config.report_model:
+            from voxsearch.encoders.report_model import load_report_model
+
+            _torch_threads(config.deployments.reporter.torch_threads)
+            started = time.time()
+            self.model = load_report_model(config.report_model)
+            log.info("report model loaded in %.1fs", time.time() - started)
+
+    def capabilities(self) -> dict:
+        return {
+            "generator": self.model is not None,
+            "generator_preprocess": dict(self.model.preprocess) if self.model is not None else None,
+            "methods": ["retrieval", "generate"] if self.model is not None else ["retrieval"],
+        }
+
+    async def retrieval(self, embedding: np.ndarray, exclude: list[str]) -> dict:
+        from voxsearch.serve.drafting import Neighbour, compose_draft
+
+        k = self.neighbours + len(exclude)
+        query = np.asarray(embedding, dtype=np.float32)[None, :]
+        try:
+            hits = (await self.searcher.search.remote(query, k, {"split": "train"}))[0]
+        except Exception as exc:  # noqa: BLE001 - indexes built without a split column cannot filter on it
+            log.info("searching training studies by split failed (%s); drafting from all studies", exc)
+            hits = (await self.searcher.search.remote(query, k, None))[0]
+        hits = [h for h in hits if h["id"] not in exclude][: self.neighbours]
+        reports = await self.studies.reports.remote([h["id"] for h in hits])
+        neighbours = [Neighbour(h["id"], h["score"], reports.get(h["id"]) or "") for h in hits]
+        draft = compose_draft(neighbours)
+        return {"method": draft.method, "report": draft.text, "sources": draft.sources}
+
+    def _image(self, volume: np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.asarray(volume, dtype=np.float32))[None]
+
+    def generate_stream(self, volume: np.ndarray, prompt: str | None, max_new_tokens: int):
+        """Text pieces as the model decodes them (a Serve streaming method)."""
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("no report model is configured")
+        with torch.inference_mode():
+            yield from self.model.generate_stream(self._image(volume), prompt, max_new_tokens)

@@ -1,0 +1,128 @@
+"""The live index of a searcher replica, swapped for a new on-disk version without a pause in service.
+
+A saved index directory names its live version in a CURRENT file that writers replace atomically. The
+holder polls that pointer; when it changes, the new version loads beside the old one, which keeps
+answering until a single reference swap. Adds (from /embed) take a cross-process file lock, apply to
+the newest on-disk version and save a new version, which the other replicas then pick up the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def index_pointer(directory: Path) -> str:
+    """What identifies the on-disk version: the CURRENT pointer, or file stats for other layouts."""
+    current = directory / "CURRENT"
+    try:
+        return current.read_text().strip()
+    except OSError:
+        stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file())
+        return repr(stats)
+
+
+class IndexHolder:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+        self.index = None
+        self.pointer = ""
+        self.loaded_at = 0.0
+        self.reloads = 0
+        self.reload()
+
+    def _load(self):
+        from voxsearch.index import VectorIndex
+
+        return VectorIndex.load(self.directory)
+
+    def reload(self) -> bool:
+        """Load the on-disk version if it differs from the live one; True when swapped."""
+        before = index_pointer(self.directory)
+        if self.index is not None and before == self.pointer:
+            return False
+        fresh = self._load()
+        after = index_pointer(self.directory)
+        if after != before and self.index is not None:
+            # A writer swapped versions while we read: keep serving the old one and retry next poll.
+            return False
+        with self._lock:
+            self.index, self.pointer = fresh, after
+            self.loaded_at = time.time()
+            self.reloads += 1
+        log.info("index %s: serving version %s (%d vectors)", self.directory, self.version, len(fresh))
+        return True
+
+    @property
+    def version(self) -> str:
+        return self.pointer.split()[0] if self.pointer else ""
+
+    def search(self, vectors: np.ndarray, k: int, filters: dict | None) -> list[list[dict[str, Any]]]:
+        index = self.index  # one read of the reference: a concurrent swap cannot mix two versions
+        hits = index.search(np.asarray(vectors, dtype=np.float32), k=k, filters=filters or None)
+        return [[{"id": h.id, "score": float(h.score), "metadata": dict(h.metadata or {})} for h in row] for row in hits]
+
+    def info(self) -> dict[str, Any]:
+        index = self.index
+        manifest = dict(getattr(index, "manifest", {}) or {})
+        return {
+            "version": self.version,
+            "size": len(index),
+            "dim": int(index.dim),
+            "factory": manifest.get("factory"),
+            "recall_vs_exact": manifest.get("recall") or manifest.get("recall_estimate"),
+            "loaded_at": self.loaded_at,
+            "reloads": self.reloads,
+        }
+
+    def vectors(self, ids: list[str]) -> dict[str, np.ndarray | None]:
+        """Stored vectors of indexed ids (None for unknown ids or an index that cannot give them back)."""
+        index = self.index
+        out: dict[str, np.ndarray | None] = {}
+        for i in ids:
+            try:
+                out[i] = np.asarray(index.vector(i), dtype=np.float32)
+            except (KeyError, ValueError):
+                out[i] = None
+        return out
+
+    def contains(self, ids: list[str]) -> dict[str, bool]:
+        index = self.index
+        return {i: i in index for i in ids}
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        lock_path = self.directory.parent / f".{self.directory.name}.serve-lock"
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def add(self, ids: list[str], vectors: np.ndarray, metadata) -> dict[str, Any]:
+        """Add vectors to the newest on-disk version, save it as the next version and serve it."""
+        with self._file_lock():
+            self.reload()
+            fresh = [i for i in ids if i not in self.index]
+            if fresh:
+                keep = [ids.index(i) for i in fresh]
+                meta = metadata.take(keep) if metadata is not None else None
+                # Work on a private copy so readers of the live index never see a half-applied add.
+                working = self._load()
+                working.add(fresh, np.asarray(vectors, dtype=np.float32)[keep], metadata=meta)
+                working.save(self.directory)
+                with self._lock:
+                    self.index, self.pointer = working, index_pointer(self.directory)
+                    self.loaded_at = time.time()
+            return {"added": fresh, "version": self.version, "size": len(self.index)}

@@ -1,0 +1,86 @@
+"""Request and response bodies of the HTTP API (they document themselves in the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Filters(BaseModel):
+    """Metadata filters; a list means 'any of these values'."""
+
+    model_config = ConfigDict(extra="forbid")
+    modality: str | list[str] | None = Field(None, examples=["CT"])
+    body_part: str | list[str] | None = Field(None, examples=["chest"])
+    split: str | list[str] | None = Field(None, examples=["test"])
+    abnormal: bool | None = None
+
+
+class TextSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(..., min_length=1, examples=["liver lesion with contrast enhancement"])
+    k: int = Field(10, ge=1, description="number of studies to return (at most the server's max_k)")
+    filters: Filters | None = None
+
+
+class Thumbnails(BaseModel):
+    axial: str
+    coronal: str
+    sagittal: str
+
+
+class StudyHit(BaseModel):
+    rank: int
+    series_id: str
+    score: float = Field(..., description="cosine similarity in the shared image-text space")
+    report_excerpt: str | None = None
+    metadata: dict[str, Any]
+    thumbnails: Thumbnails
+    url: str = Field(..., description="the study's API resource")
+
+
+class SearchResponse(BaseModel):
+    results: list[StudyHit]
+    index_version: str
+    took_ms: float
+    query: dict[str, Any]
+
+
+class StudyResponse(BaseModel):
+    series_id: str
+    metadata: dict[str, Any]
+    report: str | None
+    slices: dict[str, int] = Field(..., description="number of slices per plane")
+    thumbnails: Thumbnails
+
+
+class ReportResponse(BaseModel):
+    method: Literal["retrieval", "generate"]
+    report: str
+    sources: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="studies a retrieval-based draft was composed from")
+    note: str
+
+
+class EmbedResponse(BaseModel):
+    series_id: str
+    duplicate: bool = Field(..., description="true when the same voxels were already indexed")
+    index_version: str
+    index_size: int
+    metadata: dict[str, Any]
+    thumbnails: Thumbnails
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    components: dict[str, Any]

@@ -1,0 +1,281 @@
+"""Uploaded scans: receive within limits, recognise the format, unpack zips safely, check voxel counts.
+
+Everything here runs before any volume is decoded, so a hostile or broken upload costs at most the bytes
+the limits allow. Messages never repeat the client's file name: names of scans often carry a patient's
+name. Errors carry an HTTP status so the API can answer 4xx without knowing the cause.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import stat
+import struct
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import AsyncIterator, BinaryIO
+
+from voxsearch.serve.config import Limits
+
+CHUNK = 1 << 20
+NIFTI_HEADER_SIZES = (348, 540)
+
+
+class UploadError(Exception):
+    """An upload the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ReceivedUpload:
+    """An upload on local disk, ready to read; `path` is a NIfTI file or a folder of DICOM files."""
+
+    workdir: Path
+    path: Path
+    kind: str  # "nifti" | "dicom-zip"
+    size_bytes: int
+    voxels: int
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def describe(kind: str, size_bytes: int) -> str:
+    """How errors name an upload: its kind and size, never its client-side file name."""
+    return f"the uploaded {kind} ({size_bytes / 1e6:.1f} MB)"
+
+
+async def save_upload(source: AsyncIterator[bytes] | BinaryIO, limits: Limits, tmp_root: str | None = None) -> tuple[Path, Path, int]:
+    """Copy an upload to a fresh private temp folder, refusing it once it passes `max_upload_bytes`.
+
+    Returns (workdir, file path, size). The caller owns `workdir` and must delete it.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="voxsearch-upload-", dir=tmp_root))
+    target = workdir / "upload.bin"
+    size = 0
+    try:
+        with open(target, "wb") as out:
+            if hasattr(source, "read"):
+                while True:
+                    chunk = source.read(CHUNK)
+                    if hasattr(chunk, "__await__"):
+                        chunk = await chunk
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > limits.max_upload_bytes:
+                        raise _too_large(limits)
+                    out.write(chunk)
+            else:
+                async for chunk in source:
+                    size += len(chunk)
+                    if size > limits.max_upload_bytes:
+                        raise _too_large(limits)
+                    out.write(chunk)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if size == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise UploadError(400, "the uploaded file is empty")
+    return workdir, target, size
+
+
+def _too_large(limits: Limits) -> UploadError:
+    return UploadError(413, f"upload exceeds the limit of {limits.max_upload_bytes / 1e6:.0f} MB")
+
+
+def sniff(path: Path) -> str:
+    """Recognise the upload from its bytes (never its name): 'nifti', 'nifti-gz', 'zip' or 'dicom'."""
+    with open(path, "rb") as fh:
+        head = fh.read(544)
+    if head[:2] == b"\x1f\x8b":
+        return "nifti-gz"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if len(head) >= 4:
+        le, be = struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]
+        if le in NIFTI_HEADER_SIZES or be in NIFTI_HEADER_SIZES:
+            return "nifti"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    raise UploadError(
+        415, "unsupported file type: upload a NIfTI volume (.nii or .nii.gz) or a zip of one DICOM series"
+    )
+
+
+def check_nifti(path: Path, gz: bool, limits: Limits, size_bytes: int) -> tuple[Path, int]:
+    """Validate a NIfTI header (shape, voxel count) without decoding the image data."""
+    import nibabel as nib
+
+    what = describe("NIfTI" + (".gz" if gz else ""), size_bytes)
+    if gz:
+        # The header sits in the first bytes of the stream: a truncated or non-gzip body fails here cheaply.
+        try:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(544)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
+            raise UploadError(422, f"{what} is not a readable gzip stream ({exc.__class__.__name__})") from None
+        if len(head) < 4 or (
+            struct.unpack("<i", head[:4])[0] not in NIFTI_HEADER_SIZES
+            and struct.unpack(">i", head[:4])[0] not in NIFTI_HEADER_SIZES
+        ):
+            raise UploadError(415, f"{what} is gzip-compressed but holds no NIfTI header")
+    named = path.with_name("upload.nii.gz" if gz else "upload.nii")
+    path.rename(named)
+    try:
+        header = nib.load(str(named)).header
+        shape = tuple(int(s) for s in header.get_data_shape())
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
+        raise UploadError(422, f"{what} has an invalid NIfTI header: {_clean(exc, named.parent)}") from None
+    spatial = shape[:3]
+    extra = shape[3:]
+    if len(spatial) < 3 or any(s < 2 for s in spatial):
+        raise UploadError(422, f"{what} is not a 3D volume (shape {list(shape)}); a 3D scan is needed")
+    if any(s > 1 for s in extra):
+        raise UploadError(422, f"{what} is a 4D series (shape {list(shape)}); upload one 3D volume")
+    voxels = spatial[0] * spatial[1] * spatial[2]
+    if voxels > limits.max_voxels:
+        raise UploadError(
+            413, f"{what} has {voxels:,} voxels (shape {list(spatial)}), over the limit of {limits.max_voxels:,}"
+        )
+    if not gz:
+        expected = header.get_data_offset() + voxels * header.get_data_dtype().itemsize
+        if size_bytes < expected:
+            raise UploadError(422, f"{what} is truncated: its header needs {expected:,} bytes, got {size_bytes:,}")
+    return named, voxels
+
+
+def _unsafe_member(name: str) -> bool:
+    if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return True
+    return any(part == ".." for part in PurePosixPath(name).parts)
+
+
+def extract_zip(path: Path, dest: Path, limits: Limits, size_bytes: int) -> int:
+    """Unpack a zip of DICOM files into `dest` under flat generated names; returns the number of files.
+
+    Checked before any byte is inflated: entry count, absolute or '..' paths, symlinks, encryption,
+    total declared size and per-entry compression ratio (zip bombs). The inflated bytes are counted
+    again while writing, because declared sizes in a hostile zip can lie.
+    """
+    what = describe("zip", size_bytes)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UploadError(422, f"{what} is not a valid zip archive ({exc.__class__.__name__})") from None
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > limits.max_zip_entries:
+            raise UploadError(413, f"{what} has {len(infos)} entries, over the limit of {limits.max_zip_entries}")
+        files = []
+        declared = 0
+        for info in infos:
+            if _unsafe_member(info.filename):
+                raise UploadError(400, f"{what} contains an entry with an unsafe path (absolute or '..'); refused")
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise UploadError(400, f"{what} contains a symbolic link; refused")
+            if info.flag_bits & 0x1:
+                raise UploadError(422, f"{what} is encrypted; upload an unencrypted zip")
+            if info.is_dir() or _ignorable(info.filename):
+                continue
+            declared += info.file_size
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > CHUNK and ratio > limits.max_zip_ratio:
+                raise UploadError(
+                    413, f"{what} has an entry compressed {ratio:.0f}:1, over {limits.max_zip_ratio:.0f}:1 (zip bomb?)"
+                )
+            files.append(info)
+        if declared > limits.max_zip_uncompressed_bytes:
+            raise UploadError(
+                413, f"{what} inflates to {declared / 1e6:.0f} MB, over {limits.max_zip_uncompressed_bytes / 1e6:.0f} MB"
+            )
+        if not files:
+            raise UploadError(422, f"{what} holds no files")
+        dest.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for i, info in enumerate(files):
+            target = dest / f"{i:06d}.dcm"
+            try:
+                with archive.open(info) as src, open(target, "wb") as out:
+                    while True:
+                        chunk = src.read(CHUNK)
+                        if not chunk:
+                            break
+                        written += len(chunk)
+                        if written > limits.max_zip_uncompressed_bytes:
+                            raise UploadError(413, f"{what} inflates past its declared size; refused")
+                        out.write(chunk)
+            except UploadError:
+                raise
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error) as exc:
+                raise UploadError(422, f"{what} is corrupt: entry {i + 1} cannot be read ({exc.__class__.__name__})") from None
+    return len(files)
+
+
+def _ignorable(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return any(p == "__MACOSX" for p in parts) or parts[-1] in (".DS_Store", "Thumbs.db", "DICOMDIR")
+
+
+def check_dicom_folder(folder: Path, limits: Limits, what: str) -> int:
+    """Count the voxels of the DICOM files in `folder` from headers only; refuse non-DICOM content."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    voxels = 0
+    n_dicom = 0
+    for file in sorted(folder.iterdir()):
+        try:
+            ds = pydicom.dcmread(str(file), stop_before_pixels=True)
+            rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        except (InvalidDicomError, Exception):  # noqa: BLE001 - any unreadable header: not an image file
+            rows = cols = 0
+        if rows <= 0 or cols <= 0:
+            file.unlink()  # stray non-DICOM files (readme, viewer, DICOMDIR) are dropped, not fatal
+            continue
+        voxels += rows * cols * frames
+        n_dicom += 1
+        if voxels > limits.max_voxels:
+            raise UploadError(413, f"{what} has more than {limits.max_voxels:,} voxels; refused")
+    if n_dicom == 0:
+        raise UploadError(422, f"{what} holds no DICOM image files")
+    if n_dicom < 2 and voxels < 64**3:
+        raise UploadError(422, f"{what} holds a single 2D DICOM image; a 3D series is needed")
+    return voxels
+
+
+def prepare_upload(workdir: Path, path: Path, size_bytes: int, limits: Limits) -> ReceivedUpload:
+    """Turn a saved upload into a validated NIfTI file or DICOM folder, or raise UploadError."""
+    kind = sniff(path)
+    if kind == "dicom":
+        raise UploadError(
+            422, f"{describe('DICOM file', size_bytes)} is a single slice; upload the whole series as one zip"
+        )
+    if kind in ("nifti", "nifti-gz"):
+        named, voxels = check_nifti(path, kind == "nifti-gz", limits, size_bytes)
+        return ReceivedUpload(workdir, named, "nifti", size_bytes, voxels)
+    folder = workdir / "series"
+    extract_zip(path, folder, limits, size_bytes)
+    path.unlink()  # the zip is no longer needed; keep only one copy of the data on disk
+    voxels = check_dicom_folder(folder, limits, describe("zip", size_bytes))
+    return ReceivedUpload(workdir, folder, "dicom-zip", size_bytes, voxels)
+
+
+def _clean(exc: BaseException, workdir: Path) -> str:
+    """An exception message with server paths removed."""
+    return str(exc).replace(str(workdir), "<upload>")[:300] or exc.__class__.__name__
+
+
+def clean_message(exc: BaseException, upload: ReceivedUpload) -> str:
+    return _clean(exc, upload.workdir)
+

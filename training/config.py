@@ -1,0 +1,148 @@
+"""What a contrastive training run is: one typed config with its defaults, and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voxsearch.encoders import ClipConfig, TextTowerConfig
+from voxsearch.ingest import PreprocessConfig
+
+
+@dataclass
+class ClipTrainConfig:
+    catalog: Path
+    out: Path
+    # Ray Train scaling: one DDP rank per worker; gloo on CPU, NCCL when workers hold GPUs.
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    model: ClipConfig = field(default_factory=ClipConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    epochs: int = 10
+    # Per worker, per micro-batch; the optimiser sees batch_size * grad_accum * workers pairs per step.
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    text_lr: float | None = None  # None: same as lr (a lower one protects a pretrained text tower)
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    freeze_text: bool = False  # freezes the text backbone only; its projection always trains
+    # None: from scratch (vision random, text tower pretrained); a directory: a project checkpoint
+    # (load_clip); a file: a published Med3DVLM DCFormer_SigLIP checkpoint (needs init_text_dir).
+    init: Path | None = None
+    init_text_dir: Path | None = None
+    seed: int = 0
+    augment: bool = True
+    # Evaluation (Med3DVLM protocol): first N pairs of the held-out split, N as many of these as exist.
+    eval_ns: tuple[int, ...] = (100, 500, 1000, 2000)
+    eval_split: str = "validation"  # per-epoch evaluation; the final one always uses "test"
+    eval_batch_size: int = 16
+    allow_split_overlap: bool = False  # evaluations refuse a catalog whose splits share scans/patients
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: at epoch ends only
+    max_failures: int = 2
+    preprocess_workers: int = 2  # Ray Data actors decoding + preprocessing the catalog once
+    max_train_studies: int | None = None
+    ray_address: str | None = None
+    # Recovery tests only: {"rank": r, "step": s, "marker": path} makes rank r exit hard once at step s.
+    crash_once: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.catalog = Path(self.catalog)
+        self.out = Path(self.out)
+        if self.init is not None:
+            self.init = Path(self.init)
+        if self.init_text_dir is not None:
+            self.init_text_dir = Path(self.init_text_dir)
+        for name in ("workers", "epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ClipTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"ClipTrainConfig.lr must be > 0, got {self.lr}")
+        self.eval_ns = tuple(int(n) for n in self.eval_ns)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.workers
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able description of the run, stored beside the weights."""
+
+        def plain(value: Any) -> Any:
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return {k: v for k, v in plain(self).items() if k != "crash_once"}
+
+
+def _quick(catalog: Path, out: Path, **overrides: Any) -> ClipTrainConfig:
+    # Minutes on a 2-core laptop: the smallest DCFormer on small volumes, a frozen pretrained text
+    # tower (no backward through BERT), short reports, and a high learning rate with short warm-up.
+    # SigLIP's bias init of -10 suits batches of thousands (log-odds of a positive pair); with a
+    # global batch of ~32 it would pin every logit below 0 for the few hundred steps a quick run has.
+    size = (32, 64, 64)
+    base: dict[str, Any] = dict(
+        model=ClipConfig(
+            vision_variant="nano",
+            embed_dim=128,
+            text=TextTowerConfig(max_length=64),
+            loss_mode="siglip",
+            init_bias=-4.0,
+            image_size=size,
+        ),
+        preprocess=PreprocessConfig(spatial_size=size),
+        epochs=12,
+        batch_size=8,
+        lr=2e-3,
+        weight_decay=0.05,
+        warmup_steps=10,
+        freeze_text=True,
+        eval_ns=(100, 500),
+    )
+    base.update(overrides)
+    return ClipTrainConfig(catalog=catalog, out=out, **base)
+
+
+def _default(catalog: Path, out: Path, **overrides: Any) -> ClipTrainConfig:
+    # Med3DVLM's recipe at its input size: DCFormer-small at 128x256x256, batch 32 per step,
+    # lr 1e-4 for the image tower, a gentler rate for the pretrained text tower.
+    size = (128, 256, 256)
+    base: dict[str, Any] = dict(
+        model=ClipConfig(vision_variant="small", embed_dim=768, loss_mode="siglip", image_size=size),
+        preprocess=PreprocessConfig(spatial_size=size),
+        epochs=50,
+        batch_size=4,
+        grad_accum=4,
+        lr=1e-4,
+        text_lr=1e-5,
+        warmup_steps=200,
+        checkpoint_every=500,
+    )
+    base.update(overrides)
+    return ClipTrainConfig(catalog=catalog, out=out, **base)
+
+
+PRESETS = {"quick": _quick, "default": _default}
+
+
+def preset(name: str, catalog: Path | str, out: Path | str, **overrides: Any) -> ClipTrainConfig:
+    """A named starting point (`quick`: minutes on CPU; `default`: the real recipe) plus overrides."""
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    return factory(Path(catalog), Path(out), **overrides)

@@ -1,0 +1,137 @@
+"""Retrieval evaluation of a CLIP model on a catalog split (Med3DVLM protocol + finding queries)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from voxsearch.training.integrity import check_split, require_clean
+from voxsearch.training.metrics import finding_precision, finding_queries, parse_findings, protocol_recall
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NS = (100, 500, 1000, 2000)
+
+
+def _autocast(device):
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def embed_pairs(model, batches: Iterable[dict[str, np.ndarray]], device=None) -> dict[str, np.ndarray]:
+    """Image and report embeddings of (volume, report) batches, sorted by series_id.
+
+    Sorting makes "the first N pairs" the same set whatever order Ray Data delivered the blocks in.
+    """
+    import torch
+
+    from voxsearch.training.text import token_counter, truncate_report
+
+    device = device or next(model.parameters()).device
+    # Reports are cut by sentence exactly as in training, so evaluation sees the same captions.
+    count_tokens, budget = token_counter(model.text), model.text.config.max_length
+    was_training = model.training
+    model.eval()
+    ids, imgs, txts, findings = [], [], [], []
+    with torch.inference_mode(), _autocast(device):
+        for batch in batches:
+            if len(batch["series_id"]) == 0:
+                continue
+            volume = torch.as_tensor(np.asarray(batch["volume"], dtype=np.float32), device=device)
+            imgs.append(model.encode_image(volume).float().cpu().numpy())
+            reports = [truncate_report(str(r), count_tokens, budget) for r in batch["report"]]
+            txts.append(model.encode_text(reports).float().cpu().numpy())
+            ids.extend(str(s) for s in batch["series_id"])
+            findings.extend(batch["findings"])
+    model.train(was_training)
+    if not ids:
+        raise ValueError("no pairs to embed")
+    order = np.argsort(np.array(ids), kind="stable")
+    return {"series_id": np.array(ids)[order], "img": np.concatenate(imgs)[order],
+            "txt": np.concatenate(txts)[order], "findings": np.array(findings, dtype=object)[order]}
+
+
+def score_embeddings(model, emb: dict[str, np.ndarray], ns: Sequence[int] = DEFAULT_NS,
+                     k: int = 10) -> dict[str, Any]:
+    """Recall@1/5/10 both ways at each N, on all pairs and on abnormal studies alone, plus finding P@k."""
+    import torch
+
+    findings = [parse_findings(f) for f in emb["findings"]]
+    result: dict[str, Any] = {"pairs": int(len(emb["img"])), "recall": protocol_recall(emb["img"], emb["txt"], ns)}
+    abnormal = np.array([bool(f) for f in findings])
+    if abnormal.any() and not abnormal.all():
+        result["recall_abnormal"] = protocol_recall(emb["img"][abnormal], emb["txt"][abnormal], ns)
+    queries = finding_queries(findings)
+    if queries:
+        with torch.inference_mode():
+            q_emb = model.encode_text([q.text() for q in queries]).float().cpu().numpy()
+        result["findings"] = finding_precision(emb["img"], q_emb, queries, findings, k=k)
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """Flat numbers for logs and plots: text->image R@1/R@10 at the largest N, finding P@10."""
+    out: dict[str, float] = {}
+    recall = result.get("recall") or {}
+    if recall:
+        n = max(recall, key=int)
+        scores = recall[n]
+        out.update({"eval_n": int(n), "t2i_R@1": scores["t2i_R@1"], "t2i_R@10": scores["t2i_R@10"],
+                    "i2t_R@1": scores["i2t_R@1"], "i2t_R@10": scores["i2t_R@10"],
+                    "chance_R@1": scores["chance_R@1"], "chance_R@10": scores["chance_R@10"]})
+    if "findings" in result:
+        for key, value in result["findings"].items():
+            if key.startswith(("P@", "chance_P@")):
+                out[key] = value
+    return out
+
+
+def _model_and_preprocess(model, preprocess):
+    from voxsearch.encoders import load_clip, read_clip_meta
+    from voxsearch.ingest import PreprocessConfig
+
+    if isinstance(model, (str, Path)):
+        directory = Path(model)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+        if preprocess is None:
+            stored = (read_clip_meta(directory).get("extra") or {}).get("preprocess")
+            preprocess = PreprocessConfig.from_dict(stored) if stored else None
+        model = load_clip(directory)
+    if preprocess is None:
+        preprocess = PreprocessConfig(spatial_size=tuple(model.config.image_size))
+    if isinstance(preprocess, dict):
+        preprocess = PreprocessConfig.from_dict(preprocess)
+    return model, preprocess
+
+
+def evaluate_retrieval(model, catalog: Path | str | pa.Table, split: str = "test", preprocess=None,
+                       ns: Sequence[int] = DEFAULT_NS, allow_split_overlap: bool = False,
+                       workers: int = 2, batch_size: int = 16, k: int = 10) -> dict[str, Any]:
+    """Score `model` (a ClipModel or a checkpoint directory) on the first N pairs of `split`.
+
+    Refuses (SplitLeakageError) when the split shares scans or patients with another split, unless
+    allow_split_overlap; the integrity report is part of the result either way. Needs Ray (it
+    preprocesses through Ray Data); call voxsearch.runtime.init_ray first on a cluster.
+    """
+    from voxsearch.runtime import init_ray
+    from voxsearch.training.data import load_catalog, preprocessed_dataset, split_rows
+
+    model, preprocess = _model_and_preprocess(model, preprocess)
+    table = load_catalog(catalog)
+    integrity = require_clean(check_split(table, split), allow_split_overlap)
+    rows = split_rows(table, split, limit=max(ns) if ns else None)
+    init_ray()
+    ds = preprocessed_dataset(rows, preprocess.to_dict(), workers=workers, label=split)
+    emb = embed_pairs(model, ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    result = score_embeddings(model, emb, ns, k=k)
+    result.update({"split": split, "integrity": integrity.to_dict(), "preprocess_id": preprocess.id})
+    return result

@@ -1,0 +1,260 @@
+"""The per-worker training function that Ray Train's TorchTrainer runs on every rank."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxsearch.training.config import ClipTrainConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+MODEL_DIR = "model"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(augment) -> dict[str, Any]:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "augment": augment.state() if augment else None}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], augment) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if augment and state.get("augment"):
+        augment.set_state(state["augment"])
+
+
+def build_model(cfg: ClipTrainConfig):
+    """A fresh model, or one initialised from a project checkpoint or a published Med3DVLM file."""
+    from voxsearch.encoders import ClipModel, import_med3dvlm_clip, load_clip
+
+    if cfg.init is None:
+        return ClipModel(cfg.model)
+    if cfg.init.is_dir():
+        return load_clip(cfg.init)
+    if cfg.init.is_file():
+        if cfg.init_text_dir is None:
+            raise ValueError(f"init {cfg.init} is a Med3DVLM checkpoint file: also give init_text_dir "
+                             "(its ClinicalBERT directory)")
+        return import_med3dvlm_clip(cfg.init, cfg.init_text_dir)
+    raise FileNotFoundError(f"init checkpoint not found: {cfg.init}")
+
+
+def _param_groups(model, cfg: ClipTrainConfig) -> list[dict[str, Any]]:
+    # No decay on biases, norms and the two loss scalars: decaying t' and b would fight the loss.
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_text = name.startswith("text.")
+        no_decay = param.ndim < 2 or name in ("t_prime", "bias")
+        groups.setdefault((is_text, no_decay), []).append(param)
+    text_lr = cfg.text_lr if cfg.text_lr is not None else cfg.lr
+    return [{"params": params, "lr": text_lr if is_text else cfg.lr,
+             "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+            for (is_text, no_decay), params in sorted(groups.items())]
+
+
+def _to_tensors(batch: dict[str, np.ndarray], raw_model, count_tokens, augment, device):
+    import torch
+
+    from voxsearch.training.text import truncate_report
+
+    volumes = np.asarray(batch["volume"], dtype=np.float32)
+    if augment is not None:
+        volumes = np.stack([augment(v) for v in volumes])
+    budget = raw_model.text.config.max_length
+    reports = [truncate_report(str(r), count_tokens, budget) for r in batch["report"]]
+    tokens = raw_model.text.tokenize(reports)
+    return (torch.from_numpy(volumes).to(device, non_blocking=True),
+            tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from voxsearch.encoders import load_clip, save_clip
+    from voxsearch.training.augment import VolumeAugment
+    from voxsearch.training.evaluate import embed_pairs, headline, score_embeddings
+    from voxsearch.training.schedule import warmup_cosine
+    from voxsearch.training.text import token_counter
+
+    cfg: ClipTrainConfig = loop_config["cfg"]
+    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    total_steps = steps_per_epoch * cfg.epochs
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    _seed_everything(cfg.seed * 1000 + rank)
+
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            directory = Path(directory)
+            raw = load_clip(directory / MODEL_DIR)
+            state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+            if (directory / _rng_file(rank)).exists():
+                rng = torch.load(directory / _rng_file(rank), map_location="cpu", weights_only=False)
+    else:
+        raw = build_model(cfg)
+    if cfg.freeze_text:
+        for p in raw.text.parameters():
+            p.requires_grad_(False)
+    raw.train()
+    if cfg.freeze_text:
+        raw.text.eval()  # no dropout in a frozen tower: its features stay the pretrained ones
+
+    model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"find_unused_parameters": False})
+    optimizer = torch.optim.AdamW(_param_groups(raw, cfg), betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    augment = VolumeAugment(seed=cfg.seed * 1000 + rank) if cfg.augment else None
+    step, history, resumed_from = 0, [], None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = int(state["step"]), list(state["history"])
+        resumed_from = step
+        if rng is not None:
+            _restore_rng(rng, augment)
+        log.info("rank %d resumed at optimiser step %d", rank, step)
+
+    count_tokens = token_counter(raw.text)
+    trainable = [p for p in raw.parameters() if p.requires_grad]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    extra = loop_config["extra"]
+    samples, busy = 0, 0.0
+
+    def save_and_report(metrics: dict[str, Any], epoch_done: bool) -> None:
+        # Every rank writes its own RNG file; Ray Train merges the ranks' files into one checkpoint.
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            torch.save(_rng_state(augment), tmp_path / _rng_file(rank))
+            if rank == 0:
+                save_clip(raw, tmp_path / MODEL_DIR, extra={**extra, "optimizer_steps": step})
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "step": step, "history": history}, tmp_path / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{step:08d}{'_epoch' if epoch_done else ''}")
+
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        epoch_end = (epoch + 1) * steps_per_epoch
+        # Micro-batches of this epoch already covered by the checkpoint we resumed from.
+        skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
+        micro, loss_sum, loss_n = 0, 0.0, 0
+        t0 = time.perf_counter()
+        batches = train_shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed * 7919 + epoch)
+        for batch in batches:
+            if step >= epoch_end:
+                break
+            if skip > 0:
+                skip -= 1
+                continue
+            images, ids, mask = _to_tensors(batch, raw, count_tokens, augment, device)
+            last_micro = (micro + 1) % cfg.grad_accum == 0
+            sync = nullcontext() if (last_micro or world == 1) else model.no_sync()
+            with sync:
+                with autocast:
+                    img, txt = model(images, ids, mask)
+                loss = raw.loss(img.float(), txt.float())
+                (loss / cfg.grad_accum).backward()
+            micro += 1
+            samples += len(images)
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if not last_micro:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = _mean_over_ranks(loss_sum / loss_n, world)
+            loss_sum, loss_n = 0.0, 0
+            history.append({"kind": "step", "step": step, "epoch": epoch + 1, "loss": step_loss,
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                            "t_prime": float(raw.t_prime.detach()), "bias": float(raw.bias.detach())})
+            crash = cfg.crash_once
+            if crash and rank == crash["rank"] and step == crash["step"] and not Path(crash["marker"]).exists():
+                Path(crash["marker"]).write_text(f"crashed at step {step}\n")
+                os._exit(1)  # a hard worker death, as a node loss would be: no cleanup, no report
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < epoch_end:
+                busy += time.perf_counter() - t0
+                save_and_report({"step": step, "epoch": epoch + 1, "loss": step_loss}, epoch_done=False)
+                t0 = time.perf_counter()
+        busy += time.perf_counter() - t0
+        if step < epoch_end:
+            raise RuntimeError(f"rank {rank}: the data shard ran out at step {step} of epoch {epoch + 1} "
+                               f"(expected {steps_per_epoch} steps per epoch)")
+
+        record: dict[str, Any] = {"kind": "epoch", "step": step, "epoch": epoch + 1,
+                                  "samples_per_s_per_worker": samples / busy if busy else None}
+        if rank == 0:
+            epoch_losses = [h["loss"] for h in history if h["kind"] == "step" and h["epoch"] == epoch + 1]
+            record["loss"] = float(np.mean(epoch_losses)) if epoch_losses else None
+            emb = embed_pairs(raw, eval_shard.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"),
+                              device)
+            result = score_embeddings(raw, emb, cfg.eval_ns)
+            record.update(headline(result))
+            record["eval"] = result
+            if resumed_from is not None:
+                record["resumed_from_step"] = resumed_from
+            history.append(record)
+            log.info("epoch %d: %s", epoch + 1, json.dumps({k: v for k, v in record.items() if k != "eval"}))
+        raw.train()
+        if cfg.freeze_text:
+            raw.text.eval()
+        save_and_report({k: v for k, v in record.items() if k != "eval"}, epoch_done=True)

@@ -1,0 +1,109 @@
+"""Finding-level scoring of report text against ground-truth findings (the synthetic archive's labels).
+
+A finding is (type, organ). A report states it when one clause names the type and the organ (the organ
+nearest to the type mention) and no negation cue governs the mention in that clause ("no", "without",
+"negative for", ..., or "not seen"/"absent"/"ruled out" after it). Negated findings count as absent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from voxsearch.training.report_vqa import FindingVocabulary, parse_findings
+
+_CLAUSE = re.compile(r"[.;:!?\n]+|,\s*(?:but|however|whereas)\b|\bbut\b|\bhowever\b")
+_PRE_NEGATION = re.compile(
+    r"\b(no|not|without|negative for|free of|absence of|absent|neither|nor|resolved|ruled out for)\b")
+_POST_NEGATION = re.compile(r"\b(not (?:seen|identified|present|detected|visualized|visualised)|absent|ruled out|"
+                            r"excluded|resolved)\b")
+
+
+# Common radiology wordings of finding types and organs (irregular plurals, adjectives, British spelling).
+TYPE_SYNONYMS = {
+    "hemorrhage": ["haemorrhage", "bleed", "hematoma", "haematoma"],
+    "infarct": ["infarction", "ischemic lesion", "ischaemic lesion"],
+    "mass": ["space-occupying lesion"],
+    "metastasis": ["metastases", "metastatic", "secondary deposit"],
+    "nodule": ["nodular opacity"],
+    "cyst": ["cystic lesion"],
+    "stone": ["calculus", "calculi", "nephrolith"],
+}
+ORGAN_SYNONYMS = {
+    "brain": ["hemisphere", "cerebral", "intracranial"],
+    "lung": ["pulmonary"],
+    "liver": ["hepatic"],
+    "spleen": ["splenic"],
+    "kidney": ["renal"],
+}
+
+
+def _surface(forms: list[str]) -> re.Pattern:
+    alternatives = []
+    for form in forms:
+        words = [re.escape(w) for w in form.lower().replace("_", " ").split()]
+        alternatives.append(r"[\s-]+".join(words))
+    # Regular plurals of the last word ("nodules", "masses", "cysts").
+    return re.compile(r"\b(?:" + "|".join(alternatives) + r")(?:s|es)?\b")
+
+
+@dataclass
+class FindingMatcher:
+    types: dict[str, re.Pattern]
+    organs: dict[str, re.Pattern]
+
+    @classmethod
+    def from_vocabulary(cls, vocabulary: FindingVocabulary, type_synonyms: dict | None = None,
+                        organ_synonyms: dict | None = None) -> "FindingMatcher":
+        ts = TYPE_SYNONYMS if type_synonyms is None else type_synonyms
+        os_ = ORGAN_SYNONYMS if organ_synonyms is None else organ_synonyms
+        return cls({t: _surface([t, *ts.get(t, [])]) for t in vocabulary.types},
+                   {o: _surface([o, *os_.get(o, [])]) for o in vocabulary.organs})
+
+    def extract(self, text: str) -> set[tuple[str, str | None]]:
+        """Asserted (type, organ) pairs in ``text``; organ None when its clause names no organ."""
+        found: set[tuple[str, str | None]] = set()
+        for clause in _CLAUSE.split((text or "").lower()):
+            organ_hits = [(m.start(), o) for o, pat in self.organs.items() for m in pat.finditer(clause)]
+            for kind, pat in self.types.items():
+                for m in pat.finditer(clause):
+                    if _PRE_NEGATION.search(clause[: m.start()]) or _POST_NEGATION.search(clause[m.end():]):
+                        continue
+                    organ = min(organ_hits, key=lambda h: abs(h[0] - m.start()))[1] if organ_hits else None
+                    found.add((kind, organ))
+        return found
+
+
+def truth_of(row) -> set[tuple[str, str | None]]:
+    return {(str(f["type"]).replace("_", " "), (str(f["organ"]).replace("_", " ") if f.get("organ") else None))
+            for f in parse_findings(row)}
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "fp": fp, "fn": fn}
+
+
+def finding_scores(truths: Sequence[set], texts: Sequence[str], matcher: FindingMatcher) -> dict:
+    """Micro precision/recall/F1 over all studies and over abnormal studies alone, plus how often a
+    normal study's text asserts no finding at all."""
+    if len(truths) != len(texts):
+        raise ValueError(f"{len(truths)} ground-truth sets but {len(texts)} texts")
+    totals = {"all": [0, 0, 0], "abnormal": [0, 0, 0]}
+    normal_clean = normal = 0
+    for truth, text in zip(truths, texts):
+        pred = matcher.extract(text)
+        counts = (len(pred & truth), len(pred - truth), len(truth - pred))
+        groups: Iterable[str] = ("all", "abnormal") if truth else ("all",)
+        for g in groups:
+            totals[g] = [a + b for a, b in zip(totals[g], counts)]
+        if not truth:
+            normal += 1
+            normal_clean += int(not pred)
+    out = {g: {**_prf(*v)} for g, v in totals.items()}
+    out["abnormal"]["n"] = sum(1 for t in truths if t)
+    out["all"]["n"] = len(truths)
+    out["normal_specificity"] = normal_clean / normal if normal else None
+    return out
