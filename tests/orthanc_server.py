@@ -142,6 +142,7 @@ class FaultProxy:
                 if fault == "503":
                     self.send_response(503)
                     self.send_header("Content-Length", "0")
+                    self.send_header("Connection", "close")
                     self.end_headers()
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
@@ -150,9 +151,12 @@ class FaultProxy:
                 payload = upstream.raw.read(decode_content=False)
                 self.send_response(upstream.status_code)
                 for k, v in upstream.headers.items():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(payload)))
+                # This server closes after every answer; a forwarded Keep-Alive header would make the
+                # client reuse a socket being closed, a spurious fault that eats one retry.
+                self.send_header("Connection", "close")
                 self.end_headers()
                 if fault == "drop":
                     self.wfile.write(payload[: len(payload) // 3])
