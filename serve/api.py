@@ -278,8 +278,11 @@ class Ingress:
             metadata.pop("series_id", None)
             results.append({
                 "rank": rank, "series_id": hit["id"], "score": round(float(hit["score"]), 6),
-                "report_excerpt": excerpt, "metadata": metadata, "thumbnails": _thumbs(hit["id"]),
-                "url": f"/api/v1/studies/{quote(hit['id'], safe='')}",
+                "report_excerpt": excerpt, "metadata": metadata,
+                # An index may hold vectors whose study this server cannot show (built from another
+                # catalog): say so instead of handing out links that 404.
+                "thumbnails": _thumbs(hit["id"]) if known else None,
+                "url": f"/api/v1/studies/{quote(hit['id'], safe='')}" if known else None,
             })
         return results
 

@@ -36,8 +36,8 @@ class StudyHit(BaseModel):
     score: float = Field(..., description="cosine similarity in the shared image-text space")
     report_excerpt: str | None = None
     metadata: dict[str, Any]
-    thumbnails: Thumbnails
-    url: str = Field(..., description="the study's API resource")
+    thumbnails: Thumbnails | None = Field(..., description="null when this server holds no pixels for the id")
+    url: str | None = Field(..., description="the study's API resource; null when this server does not know the study")
 
 
 class SearchResponse(BaseModel):

@@ -35,9 +35,10 @@ async function api(path, options) {
 
 // Images go through fetch when a key is needed (an <img src> cannot send headers).
 async function loadImage(img, url) {
+  img.addEventListener("error", () => img.classList.add("missing"), { once: true });
   if (!apiKey) { img.src = url; return; }
   const response = await fetch(url, { headers: headers() });
-  if (!response.ok) return;
+  if (!response.ok) { img.classList.add("missing"); return; }
   const blob = await response.blob();
   if (img.dataset.blob) URL.revokeObjectURL(img.dataset.blob);
   img.dataset.blob = URL.createObjectURL(blob);
@@ -61,11 +62,19 @@ function card(hit) {
   el.dataset.seriesId = hit.series_id;
   const thumbs = document.createElement("div");
   thumbs.className = "thumbs";
-  for (const plane of ["axial", "coronal", "sagittal"]) {
-    const img = document.createElement("img");
-    img.alt = plane;
-    loadImage(img, hit.thumbnails[plane]);
-    thumbs.appendChild(img);
+  if (hit.thumbnails) {
+    for (const plane of ["axial", "coronal", "sagittal"]) {
+      const img = document.createElement("img");
+      img.alt = plane;
+      loadImage(img, hit.thumbnails[plane]);
+      thumbs.appendChild(img);
+    }
+  } else {
+    el.classList.add("no-study");
+    const none = document.createElement("div");
+    none.className = "no-image";
+    none.textContent = "indexed, but not in this server's catalog";
+    thumbs.appendChild(none);
   }
   const m = hit.metadata || {};
   const meta = document.createElement("div");
@@ -77,7 +86,7 @@ function card(hit) {
   excerpt.className = "excerpt";
   excerpt.textContent = hit.report_excerpt || "(no report)";
   el.append(thumbs, meta, excerpt);
-  el.addEventListener("click", () => openStudy(hit.series_id));
+  if (hit.url) el.addEventListener("click", () => openStudy(hit.series_id));
   return el;
 }
 
