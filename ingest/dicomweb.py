@@ -273,12 +273,29 @@ class Mirror:
     def present(self) -> set[str]:
         if not self.series_dir.is_dir():
             return set()
-        return {p.name for p in self.series_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        return {p.name for p in self.series_dir.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".old")}
+
+    def recover(self) -> None:
+        """Undo what a pass killed inside fetch_series left: staging folders, and a series moved aside
+        (`<key>.old`) whose replacement never landed, which goes back into place."""
+        if not self.series_dir.is_dir():
+            return
+        for path in self.series_dir.iterdir():
+            if path.name.startswith("."):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name.endswith(".old"):
+                live = path.with_name(path.name[: -len(".old")])
+                if live.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.rename(live)
 
     def pull(self, config: DicomWebConfig, progress: bool = True) -> MirrorResult:
         """Fetch what is new or changed in the PACS. Raises PacsError if the PACS cannot even be listed."""
         from tqdm import tqdm
 
+        self.recover()
         client = connect(config)
         remote = {s.key: s for s in list_series(client, config)}
         state = self.state()

@@ -175,7 +175,8 @@ def _walk(archive: Path, salt: str, out: Discovery) -> None:
     for cap in sorted(archive.rglob(M3D_NAME)):
         _m3d_items(cap, salt, out)
     for path in sorted(archive.rglob("*")):
-        if not path.is_file() or path.name.startswith("."):
+        # Dot-names are work in progress (a mirror's staging folder, a temp file): never a study.
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(archive).parts):
             continue
         name = path.name.lower()
         if name.endswith((".nii", ".nii.gz", ".npy", ".zip")):

@@ -213,3 +213,72 @@ def test_sync_makes_a_pacs_study_searchable_then_removes_it(ray_session, orthanc
                       if p.is_file())
     for ident in pacs_archive["planted"]:
         assert ident.encode() not in stored and ident not in caplog.text
+
+
+def _start_sync(ray, orthanc, cfg, log_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "voxsearch.cli", "sync", orthanc.dicomweb, "--catalog", str(cfg.catalog),
+           "--index", str(cfg.index), "--checkpoint", str(cfg.checkpoint),
+           "--ray-address", ray.get_runtime_context().gcs_address]
+    with open(log_path, "ab") as log:  # a file, not a pipe nobody reads
+        return subprocess.Popen(cmd, env=dict(os.environ), start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+# Each case is a full sync driver plus a rerun (~1-2 min here); the embed kill is also covered by
+# test_embed_resume, so only the fetch kill runs by default.
+@pytest.mark.parametrize("stage", ["fetch", pytest.param("ingest", marks=pytest.mark.slow),
+                                   pytest.param("embed", marks=pytest.mark.slow)])
+def test_sync_killed_at_any_stage_then_rerun_holds_each_study_once(ray_session, orthanc, pacs_archive, tmp_path,
+                                                                     stage):
+    """SIGKILL a real `voxsearch sync` driver while it fetches, ingests or embeds; the next round must end with
+    every PACS series exactly once in the mirror, the catalog, the embeddings and the index."""
+    import signal
+
+    from test_embed_resume import _kill_tree
+
+    from embed_testlib import ids_of
+    from voxsearch.embed.sync import SyncConfig, sync_round
+    from voxsearch.index import VectorIndex
+    from voxsearch.ingest import read_catalog
+
+    for uid in list(getattr(orthanc, "studies_uploaded", [])):
+        orthanc.delete_study(uid)
+    for study in pacs_archive["studies"]:
+        _upload(orthanc, study)
+    orthanc.studies_uploaded = [s["study_uid"] for s in pacs_archive["studies"]]
+
+    cfg = SyncConfig(source=orthanc.dicomweb, catalog=tmp_path / "catalog", index=tmp_path / "index",
+                     checkpoint=make_checkpoint(tmp_path / "ckpt"), progress=False)
+    reached = {
+        # a series folder or its staging folder exists: the driver is inside the fetch loop
+        "fetch": lambda: cfg.mirror.joinpath("series").is_dir() and any(cfg.mirror.joinpath("series").iterdir()),
+        "ingest": lambda: any(cfg.catalog.rglob("*.parquet")),
+        "embed": lambda: any(cfg.embeddings.glob("part-*.parquet")),
+    }[stage]
+    log_path = tmp_path / "sync.log"
+    proc = _start_sync(ray_session, orthanc, cfg, log_path)
+    deadline = time.monotonic() + 300
+    while not reached():
+        if proc.poll() is not None:
+            pytest.skip(f"the round finished before the {stage} stage could be interrupted") if proc.returncode == 0 \
+                else pytest.fail(f"sync exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        assert time.monotonic() < deadline, f"sync never reached {stage}"
+        time.sleep(0.01)
+    _kill_tree(proc)
+    assert proc.returncode == -signal.SIGKILL
+
+    report = sync_round(cfg)
+    assert report.failed == 0, report
+    expected = 3
+    mirrored = sorted(p.name for p in cfg.mirror.joinpath("series").iterdir())
+    assert len(mirrored) == expected and not any(n.startswith(".") or n.endswith(".old") for n in mirrored)
+    catalog_ids = read_catalog(cfg.catalog).column("series_id").to_pylist()
+    assert sorted(catalog_ids) == mirrored, "catalog and mirror disagree"
+    embedded = ids_of(cfg.embeddings)
+    assert sorted(embedded) == mirrored, "a series was embedded twice or not at all"
+    assert sorted(VectorIndex.load(cfg.index).ids()) == mirrored, "the index holds a series twice or misses one"
+    again = sync_round(cfg)
+    assert (again.added, again.changed, again.deleted, again.failed) == (0, 0, 0, 0), again
