@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,13 +171,29 @@ def discover(archive: Path, salt: str, manifest: Path | None = None) -> Discover
     return out
 
 
+def _files(archive: Path) -> list[Path]:
+    """Every file under the archive, following symlinked folders (archives are often assembled from
+    links to mounted shares) but visiting each real folder once, so a link loop ends. Dot-names are
+    work in progress (a mirror's staging folder, a temp file), never a study."""
+    found, visited = [], set()
+    for root, dirs, files in os.walk(archive, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
 def _walk(archive: Path, salt: str, out: Discovery) -> None:
     dicom_dirs = set()
-    for cap in sorted(archive.rglob(M3D_NAME)):
+    files = _files(archive)
+    for cap in (p for p in files if p.name == M3D_NAME):
         _m3d_items(cap, salt, out)
-    for path in sorted(archive.rglob("*")):
-        # Dot-names are work in progress (a mirror's staging folder, a temp file): never a study.
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(archive).parts):
+    for path in files:
+        if not path.is_file():
             continue
         name = path.name.lower()
         if name.endswith((".nii", ".nii.gz", ".npy", ".zip")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -201,3 +202,21 @@ def test_interrupted_shard_write_leaves_catalog_readable(tmp_path, monkeypatch):
     assert read_catalog(out).num_rows == 1  # the half-written temp file is invisible
     again = run_ingest(IngestConfig(archive=archive, out=out, engine="local", progress=False, salt="s"))
     assert again.added == 1 and read_catalog(out).num_rows == 2
+
+
+def test_discovery_follows_symlinked_folders_once_and_skips_dot_folders(tmp_path):
+    import os
+
+    from voxsearch.ingest.discover import discover
+
+    shares = tmp_path / "shares"
+    for folder in ("a", "b", "b/.staging"):  # .staging: half-written, not a study
+        (shares / folder).mkdir(parents=True)
+        save_nifti(shares / folder / "scan.nii.gz", phantom_hu(), np.eye(4))
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    os.symlink(shares / "a", archive / "a")
+    os.symlink(shares / "b", archive / "b")
+    os.symlink(archive, shares / "a" / "loop")  # a link loop must end
+    found = sorted(Path(i["source_path"]).parent.name for i in discover(archive, salt="s").items)
+    assert found == ["a", "b"]
