@@ -42,8 +42,7 @@ def phantom_catalog(root, n_train=16, n_test=4) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-# Slow, and failing as of this writing: at this budget the tiny model ignores the image (issue 8 stays open).
-@pytest.mark.slow
+@pytest.mark.slow  # ~7 min here: 40 epochs of Ray Train with a checkpoint each, then Ray evaluation
 def test_tiny_end_to_end_report_depends_on_the_scan(tmp_path, ray_session):
     from voxsearch.ingest import PreprocessConfig, load_volume
     from voxsearch.training.report_eval import evaluate_reports
@@ -54,13 +53,15 @@ def test_tiny_end_to_end_report_depends_on_the_scan(tmp_path, ray_session):
     preprocess = PreprocessConfig(spatial_size=IMAGE).to_dict()
     cfg = ReportModelConfig(vision_variant="nano", image_size=IMAGE, lm=str(lm_dir), low_tokens=(8, 4),
                             high_tokens=(4, 4), use_chat_template=False)
-    # Stage 2 straight from a fresh model keeps this to one Ray Train run; stage 1 is covered by the slow test.
+    # Stage 2 straight from a fresh model keeps this to one Ray Train run. The vision tower trains too: a
+    # frozen random tower separates the two classes by only ~10% of its token scale, and at this budget
+    # the LM settles on the class prior instead (measured: every test scan got the same text).
     init = save_report_model(build_report_model(cfg, preprocess=preprocess), tmp_path / "init")
     result = train_report(ReportTrainConfig(catalog=catalog, out=tmp_path / "model", stage=2, init=init,
-                                            tasks=("report",), epochs=30, batch_size=2, workers=2, lr=5e-3,
-                                            lm_lr=5e-3, warmup_steps=5))
+                                            tasks=("report",), epochs=40, batch_size=2, workers=2, lr=5e-3,
+                                            lm_lr=5e-3, warmup_steps=5, train_vision=True))
     history = result.metrics["history"]
-    assert len(history) == 30 and history[-1] < history[0] / 5
+    assert len(history) == 40 and history[-1] < history[0] / 5
 
     model = load_report_model(result.model_dir)
     pre = PreprocessConfig.from_dict(model.preprocess)
