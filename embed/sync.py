@@ -135,17 +135,24 @@ def sync_round(cfg: SyncConfig) -> RoundReport:
             mirror.drop(gone)
         report.deleted = len(gone)
 
-    ingested = run_ingest(IngestConfig(archive=archive, out=cfg.catalog, engine=cfg.ingest_engine,
-                                       ray_address=cfg.ray.address, progress=cfg.progress))
-    report.failed += ingested.failed
-    after = _catalog_ids(cfg.catalog)
-    from voxsearch.ingest.catalog import read_all_rows
+    only = None
+    if cfg.is_pacs:
+        # The mirror knows what changed: read just that, plus anything mirrored but not yet catalogued (a
+        # round killed after its fetch, or a series that failed to ingest last time).
+        keys = set(pulled.changed) | (mirror.present() - set(before) - set(gone))
+        only = tuple(archive / key for key in sorted(keys))
+    if only != ():
+        ingested = run_ingest(IngestConfig(archive=archive, out=cfg.catalog, engine=cfg.ingest_engine,
+                                           ray_address=cfg.ray.address, progress=cfg.progress, only=only))
+        report.failed += ingested.failed
+        from voxsearch.ingest.catalog import read_all_rows
 
-    rows = read_all_rows(cfg.catalog)
-    this_run = {s for s, r in zip(rows.column("series_id").to_pylist(), rows.column("run_id").to_pylist())
-                if r == ingested.run_id} if rows.num_rows else set()
-    report.added = len({s for s in this_run if s not in before and s in after})
-    report.changed = len({s for s in this_run if s in before})
+        rows = read_all_rows(cfg.catalog)
+        this_run = {s for s, r in zip(rows.column("series_id").to_pylist(), rows.column("run_id").to_pylist())
+                    if r == ingested.run_id} if rows.num_rows else set()
+        after = set(_catalog_ids(cfg.catalog))
+        report.added = len({s for s in this_run if s not in before and s in after})
+        report.changed = len({s for s in this_run if s in before})
 
     embedded = run_embedding(EmbedConfig(catalog=cfg.catalog, checkpoint=cfg.checkpoint, out=cfg.embeddings,
                                          index=cfg.index, progress=cfg.progress, ray=cfg.ray, **cfg.embed_options))

@@ -39,9 +39,14 @@ class IngestConfig:
     check_preprocess: PreprocessConfig | None = field(default_factory=lambda: PreprocessConfig(spatial_size=(32, 64, 64)))
     shard_rows: int = 1000
     progress: bool = True
+    # Only these discovered inputs (files or series folders) are read; the caller knows the rest is
+    # unchanged (a PACS mirror knows what it fetched), which spares re-reading a whole archive to hash it.
+    only: tuple[Path, ...] | None = None
 
     def __post_init__(self):
         self.archive, self.out = Path(self.archive), Path(self.out)
+        if self.only is not None:
+            self.only = tuple(Path(p).resolve() for p in self.only)
         if self.engine not in ("ray", "local"):
             raise ValueError(f"engine must be 'ray' or 'local', got {self.engine!r}")
 
@@ -122,6 +127,10 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     writer = CatalogWriter(out, run_id, shard_rows=cfg.shard_rows)
     summary = IngestSummary(catalog=out, run_id=run_id)
     found = discover(cfg.archive, salt, manifest=cfg.manifest)
+    if cfg.only is not None:
+        wanted = {str(p) for p in cfg.only}
+        found.items = [item for item in found.items if item["source_path"] in wanted]
+        found.errors = [err for err in found.errors if err["path"] in wanted]
     summary.discovered = len(found.items)
     failures: Counter = Counter()
     failed_paths: set = set()
