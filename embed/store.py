@@ -27,7 +27,6 @@ from pathlib import Path
 from time import perf_counter
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from voxsearch.embed.config import EmbedError
@@ -239,24 +238,9 @@ class EmbeddingStore:
 
     def remove_ids(self, ids) -> int:
         """Drop rows of these ids from every shard, each shard rewritten atomically (or deleted if emptied)."""
-        ids = set(ids)
-        if not ids:
-            return 0
-        removed = 0
-        value_set = pa.array(sorted(ids), pa.string())
-        for path in self.embedding_files() + self.error_files():
-            table = pq.read_table(path)
-            drop = pc.is_in(table.column("id"), value_set=value_set)
-            n = pc.sum(drop).as_py() or 0
-            if not n:
-                continue
-            kept = table.filter(pc.invert(drop))
-            if kept.num_rows:
-                write_table_atomic(kept, path)
-            else:
-                path.unlink()
-            removed += n
-        return removed
+        from voxsearch.ingest.forget import drop_rows
+
+        return drop_rows(self.embedding_files() + self.error_files(), "id", ids, write=write_table_atomic)
 
     def read_embeddings(self, columns: list[str] | None = None) -> pa.Table | None:
         files = self.embedding_files()

@@ -17,24 +17,34 @@ import pyarrow.parquet as pq
 from voxsearch.ingest.catalog import ROWS_DIR, _shards
 
 
-def forget_series(catalog: Path, series_ids) -> int:
-    """Drop every row (all versions) of these series; returns the number of rows removed."""
-    wanted = pa.array(sorted(set(series_ids)), pa.string())
+def _replace(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def drop_rows(shards, column: str, ids, write=_replace) -> int:
+    """Rewrite each Parquet shard without the rows whose `column` is in `ids` (a shard left empty is
+    deleted); `write(table, path)` must replace the file atomically. Returns the number of rows removed."""
+    wanted = pa.array(sorted(set(ids)), pa.string())
     if not len(wanted):
         return 0
     removed = 0
-    for shard in _shards(Path(catalog) / ROWS_DIR):
+    for shard in shards:
         table = pq.read_table(shard)
-        drop = pc.is_in(table.column("series_id"), value_set=wanted)
+        drop = pc.is_in(table.column(column), value_set=wanted)
         n = pc.sum(drop).as_py() or 0
         if not n:
             continue
         kept = table.filter(pc.invert(drop))
         if kept.num_rows:
-            tmp = shard.with_name(f".{shard.name}.tmp-{uuid.uuid4().hex[:8]}")
-            pq.write_table(kept, tmp, compression="zstd")
-            os.replace(tmp, shard)
+            write(kept, Path(shard))
         else:
-            shard.unlink()
+            Path(shard).unlink()
         removed += n
     return removed
+
+
+def forget_series(catalog: Path, series_ids) -> int:
+    """Drop every row (all versions) of these series; returns the number of rows removed."""
+    return drop_rows(_shards(Path(catalog) / ROWS_DIR), "series_id", series_ids)
