@@ -73,6 +73,13 @@ def main() -> int:
             return {"source": tag, "studies": report.added, "failed": report.failed, "seconds": round(seconds, 2),
                     "studies_per_s": round(report.added / seconds, 3), "cfg": cfg}
 
+        # Warm-up on two studies: the first round in a process pays for starting Ray workers and importing
+        # torch and MONAI in them; neither timed run should carry that.
+        warm = work / "warm"
+        warm.mkdir()
+        for s in series[:2]:
+            os.symlink(s, warm / s.name)
+        timed(str(warm), "warm-up")
         folder_run = timed(str(folder), "folder")
         pacs_run = timed(pacs.dicomweb, "pacs")
         for run in (folder_run, pacs_run):
