@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, nargs=3, default=(32, 64, 64))
     p.add_argument("--vision-variant", default="nano")
     p.add_argument("--vision-init", type=Path, help="CLIP checkpoint directory for the vision tower")
+    p.add_argument("--train-vision", action="store_true",
+                   help="stage 2 also trains the vision tower (a frozen weak tower leaves the LM only the prior)")
     p.add_argument("--epochs1", type=int, default=1)
     p.add_argument("--epochs2", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
@@ -109,6 +111,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     s2 = train_report(ReportTrainConfig(out=work / "stage2", stage=2, init=init, epochs=args.epochs2,
                                         tasks=tuple(args.tasks), vqa_per_study=args.vqa_per_study,
+                                        train_vision=args.train_vision,
                                         lm_lr=1e-4 if lm is None else 2e-3, lr=1e-3, **common))
     timings["stage2_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -70,7 +70,7 @@ def run(args) -> int:
     root.mkdir(parents=True, exist_ok=True)
     archive, catalog, train_out = root / "archive", root / "catalog", root / "training"
     checkpoint, embeddings, index = root / "checkpoint", root / "embeddings", root / "index"
-    total = 5 if args.no_serve else 6
+    total = 4 if args.no_serve else 5
     started = time.perf_counter()
     init_ray(RayConfig(address=args.ray_address))
 
@@ -104,7 +104,7 @@ def run(args) -> int:
             shutil.copytree(result.checkpoint_dir, checkpoint)
 
     if (index / "CURRENT").is_file():
-        _skip("[4-5] embeddings and index", index)
+        _skip("[4] embeddings and index", index)
     else:
         from voxsearch.embed import EmbedConfig, run_embedding
 
