@@ -4,8 +4,10 @@ Builds (or reuses) a phantom archive and catalog, trains stage 1 (projector) and
 on Ray Train at a reduced volume size, then scores finding-level F1 (all held-out studies and abnormal
 ones alone) and text metrics for the model and for the baseline, in the same process.
 
-  python bench/report.py            # embedded SmolLM2-135M, CPU-sized
   python bench/report.py --quick    # tiny random LM, minutes: a smoke run of the whole pipeline
+  # the measured run in the README (embedded SmolLM2-135M, about 40 minutes on 2 cores):
+  python bench/report.py --work runs/bench-report --n 360 --split-shares 0.7 0.1 0.2 --clip-first \
+      --train-vision --tasks report --epochs2 5 --batch-size 4 --extra-test 300
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, nargs=3, default=(32, 64, 64))
     p.add_argument("--vision-variant", default="nano")
     p.add_argument("--vision-init", type=Path, help="CLIP checkpoint directory for the vision tower")
+    p.add_argument("--clip-first", action="store_true",
+                   help="train a quick-preset CLIP on the train split first and start the vision tower from it")
+    p.add_argument("--split-shares", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                   help="patient shares of the synthesised archive")
     p.add_argument("--train-vision", action="store_true",
                    help="stage 2 also trains the vision tower (a frozen weak tower leaves the LM only the prior)")
     p.add_argument("--epochs1", type=int, default=1)
@@ -43,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--max-train-studies", type=int)
     p.add_argument("--limit-test", type=int, help="score only the first N test studies")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (1 avoids a 0.5 GB all-reduce per step)")
+    p.add_argument("--extra-test", type=int, default=0, metavar="N",
+                   help="also score N more held-out studies from another seed (narrows the interval)")
+    p.add_argument("--model", type=Path, help="score this trained report model; skip both training stages")
     p.add_argument("--work", type=Path, help="keep the archive, catalog and models here")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -55,11 +64,30 @@ def build_catalog(args, work: Path) -> Path:
     if catalog.exists():
         return catalog
     archive = generate_archive(SynthConfig(n=args.n, seed=11, out=work / "archive", size=args.synth_size,
-                                           dicom_share=0.0, overwrite=True))
+                                           dicom_share=0.0, split_shares=tuple(args.split_shares), overwrite=True))
     # The catalog is set-up, not what is measured: ingest in-process, sparing actor start-ups on small CPUs.
     summary = run_ingest(IngestConfig(archive=archive, out=catalog, salt="bench-report", engine="local"))
     logging.info("ingest: %s", summary)
     return catalog
+
+
+def with_extra_test(args, work: Path, catalog: Path):
+    """The catalog's train rows plus N studies of a second seed, all held out (other patients, other
+    scans: the split check still runs on the union)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from voxsearch.ingest import IngestConfig, SynthConfig, generate_archive, read_catalog, run_ingest
+
+    extra = work / f"extra_catalog_{args.extra_test}"
+    if not extra.exists():
+        archive = generate_archive(SynthConfig(n=args.extra_test, seed=12, out=work / "extra_archive",
+                                               size=args.synth_size, dicom_share=0.0, split_shares=(0.0, 0.0, 1.0),
+                                               overwrite=True))
+        run_ingest(IngestConfig(archive=archive, out=extra, salt="bench-report", engine="local"))
+    base, more = read_catalog(catalog), read_catalog(extra)
+    more = more.filter(pc.equal(more["split"], "test")).select(base.column_names).cast(base.schema)
+    return pa.concat_tables([base.filter(pc.equal(base["split"], "train")), more])
 
 
 def main(argv=None) -> int:
@@ -69,10 +97,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         args.n, args.epochs1, args.epochs2 = min(args.n, 80), min(args.epochs1, 1), max(args.epochs2, 6)
-    from voxsearch.encoders.report_model import ReportModelConfig, load_report_model
+    from voxsearch.encoders.report_model import load_report_model
     from voxsearch.runtime import RayConfig, init_ray
     from voxsearch.training.report_eval import evaluate_reports
-    from voxsearch.training.report_train import ReportTrainConfig, train_report
 
     init_ray(RayConfig())
     work = args.work or Path(tempfile.mkdtemp(prefix="voxsearch-bench-report-"))
@@ -81,14 +108,61 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     catalog = args.catalog or build_catalog(args, work)
     timings["catalog_s"] = time.perf_counter() - t0
+    if args.clip_first and not args.vision_init and not args.model:
+        from voxsearch.training import preset, train_clip
+
+        if tuple(args.image_size) != (32, 64, 64) or args.vision_variant != "nano":
+            raise SystemExit("--clip-first trains the quick preset (DCFormer-nano at 32x64x64); "
+                             "use --vision-init for other sizes")
+        t0 = time.perf_counter()
+        clip_model = work / "clip" / "model"  # a finished run in --work is reused
+        args.vision_init = clip_model if clip_model.is_dir() else train_clip(
+            preset("quick", catalog, work / "clip")).checkpoint_dir
+        timings["clip_s"] = time.perf_counter() - t0
 
     lm = None
-    if args.quick:
-        from voxsearch.training.data import load_catalog
-        from voxsearch.training.report_tiny_lm import build_tiny_lm
+    if args.model:
+        model_dir, s1_metrics = args.model, {"skipped": "--model"}
+        s2_metrics = json.loads((args.model / "config.json").read_text()).get("extra", {}).get("training")
+    else:
+        if args.quick:
+            from voxsearch.training.data import load_catalog
+            from voxsearch.training.report_tiny_lm import build_tiny_lm
 
-        reports = [r for r in load_catalog(catalog).column("report").to_pylist() if r]
-        lm = str(build_tiny_lm(work / "tiny_lm", reports))
+            reports = [r for r in load_catalog(catalog).column("report").to_pylist() if r]
+            lm = str(build_tiny_lm(work / "tiny_lm", reports))
+        model_dir, s1_metrics, s2_metrics = train(args, work, catalog, lm, timings)
+
+    model = load_report_model(model_dir)
+    held_out = {"catalog test split": catalog}
+    if args.extra_test:
+        held_out[f"{args.extra_test} more studies (seed 12)"] = with_extra_test(args, work, catalog)
+    results = {}
+    for name, table in held_out.items():
+        t0 = time.perf_counter()
+        results[name] = evaluate_reports(model, table, split="test", limit=args.limit_test,
+                                         max_new_tokens=args.max_answer_tokens, batch_size=8, workers=1, examples=3)
+        timings[f"eval_s ({name})"] = time.perf_counter() - t0
+        print_result(name, results[name])
+    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+
+    payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "lm": "tiny random LM" if lm else "SmolLM2-135M-Instruct (embedded GGUF, dequantised)",
+               "stage1": s1_metrics, "stage2": s2_metrics, "timings_s": timings,
+               "result": results["catalog test split"], "held_out": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def train(args, work: Path, catalog: Path, lm: str | None, timings: dict):
+    from voxsearch.encoders.report_model import ReportModelConfig
+    from voxsearch.training.report_train import ReportTrainConfig, train_report
+
     model_cfg = ReportModelConfig(vision_variant=args.vision_variant, image_size=tuple(args.image_size), lm=lm,
                                   low_tokens=(12, 8), high_tokens=(8, 8), max_answer_tokens=args.max_answer_tokens)
     common = dict(catalog=catalog, batch_size=args.batch_size, workers=args.workers,
@@ -114,36 +188,25 @@ def main(argv=None) -> int:
                                         train_vision=args.train_vision,
                                         lm_lr=1e-4 if lm is None else 2e-3, lr=1e-3, **common))
     timings["stage2_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model = load_report_model(s2.model_dir)
-    result = evaluate_reports(model, catalog, split="test", limit=args.limit_test,
-                              max_new_tokens=args.max_answer_tokens, batch_size=8, workers=1, examples=3)
-    timings["eval_s"] = time.perf_counter() - t0
+    return s2.model_dir, s1_metrics, s2.metrics
 
-    rows = [("report model", result["model"]), ("nearest training report", result["baseline_nearest_report"])]
-    header = f"{'':26}{'F1 all':>8}{'F1 abn':>8}{'P all':>7}{'R all':>7}{'BLEU-1':>8}{'BLEU-4':>8}{'ROUGE-L':>8}{'METEOR':>8}"
-    print(header)
-    for name, s in rows:
-        f, t = s["findings"], s["text"]
-        print(f"{name:26}{f['all']['f1']:8.3f}{f['abnormal']['f1']:8.3f}{f['all']['precision']:7.3f}"
-              f"{f['all']['recall']:7.3f}{t['bleu1']:8.3f}{t['bleu4']:8.3f}{t['rougeL']:8.3f}{t['meteor']:8.3f}")
-    ratio = result["f1_vs_baseline"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
-    print(f"{'model / baseline':26}{fmt(ratio['all']['ratio']):>8}{fmt(ratio['abnormal']['ratio']):>8}")
-    print(f"held-out studies: {result['n']} ({result['n_abnormal']} abnormal); train studies: "
+
+def print_result(name: str, result: dict) -> None:
+    print(f"\nheld out: {name}: {result['n']} studies ({result['n_abnormal']} abnormal); train studies: "
           f"{result['train_studies']}; split integrity clean: {result['integrity']['clean']}")
-    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-
-    payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "lm": "tiny random LM" if lm else "SmolLM2-135M-Instruct (embedded GGUF, dequantised)",
-               "stage1": s1_metrics, "stage2": s2.metrics, "timings_s": timings, "result": result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, default=str)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
-    return 0
+    print(f"{'':26}{'F1 all':>8}{'F1 abn':>8}{'P all':>7}{'R all':>7}{'spec':>6}"
+          f"{'BLEU-1':>8}{'BLEU-4':>8}{'ROUGE-L':>8}{'METEOR':>8}")
+    for label, s in (("report model", result["model"]), ("nearest training report", result["baseline_nearest_report"])):
+        f, t = s["findings"], s["text"]
+        spec = "-" if f["normal_specificity"] is None else f"{f['normal_specificity']:.2f}"
+        print(f"{label:26}{f['all']['f1']:8.3f}{f['abnormal']['f1']:8.3f}{f['all']['precision']:7.3f}"
+              f"{f['all']['recall']:7.3f}{spec:>6}{t['bleu1']:8.3f}{t['bleu4']:8.3f}{t['rougeL']:8.3f}{t['meteor']:8.3f}")
+    for group, r in result["f1_vs_baseline"].items():
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        boot = r.get("bootstrap")
+        interval = (f"; F1 difference {boot['f1_diff']:+.3f}, 95% CI [{boot['ci95'][0]:+.3f}, {boot['ci95'][1]:+.3f}]"
+                    f" over {boot['studies']} studies") if boot else ""
+        print(f"model / baseline ({group}): {ratio}{interval}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,31 @@ def test_finding_scores_by_hand():
     assert s["normal_specificity"] == 0.0
 
 
+def test_paired_bootstrap_brackets_the_f1_difference():
+    from voxsearch.training.report_findings import paired_f1_bootstrap
+
+    rows = [_row([{"type": "nodule", "organ": "lung"}]), _row([{"type": "cyst", "organ": "kidney"}]), _row([])] * 20
+    matcher = FindingMatcher.from_vocabulary(FindingVocabulary.from_rows(rows))
+    truths = [truth_of(r) for r in rows]
+    right = ["Lung nodule.", "Kidney cyst.", "No acute abnormality."] * 20
+    wrong = ["Kidney cyst.", "Lung nodule.", "Lung nodule."] * 20
+    better = paired_f1_bootstrap(truths, right, wrong, matcher, resamples=500)
+    # Every study favours `right`: F1 1.0 against 0.0, on every resample.
+    assert better["all"]["f1_diff"] == pytest.approx(1.0)
+    assert better["all"]["ci95"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    assert better["all"]["p_a_not_better"] == 0.0 and better["abnormal"]["studies"] == 40
+    # The same texts on both sides: the difference is exactly zero, never "better".
+    same = paired_f1_bootstrap(truths, right, right, matcher, resamples=200)
+    assert same["all"]["ci95"] == [0.0, 0.0] and same["all"]["p_a_not_better"] == 1.0
+    # Half right, half wrong: the interval straddles the observed difference and is not a point.
+    mixed = right[:30] + wrong[30:]
+    half = paired_f1_bootstrap(truths, mixed, wrong, matcher, resamples=500, seed=1)
+    lo, hi = half["all"]["ci95"]
+    assert lo < half["all"]["f1_diff"] < hi and hi - lo > 0.1
+    with pytest.raises(ValueError, match="ground-truth sets"):
+        paired_f1_bootstrap(truths, right[:-1], wrong, matcher)
+
+
 def test_stem_matches_inflections():
     from voxsearch.training.report_metrics import stem
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxsearch.training.report_findings import FindingMatcher, finding_scores, truth_of
+from voxsearch.training.report_findings import FindingMatcher, finding_scores, paired_f1_bootstrap, truth_of
 from voxsearch.training.report_metrics import closed_vqa_accuracy, text_metrics
 from voxsearch.training.report_vqa import FindingVocabulary, VqaItem, generate_vqa, read_m3d_vqa_csv
 
@@ -107,6 +107,8 @@ def evaluate_reports(model, catalog, split: str = "test", train_split: str = "tr
             "ratio": (m[g]["f1"] / b[g]["f1"]) if b[g]["f1"] else None}
         for g in ("all", "abnormal")
     }
+    for g, interval in paired_f1_bootstrap(truths, generated, baseline, matcher).items():
+        result["f1_vs_baseline"][g]["bootstrap"] = interval
     if examples:
         result["examples"] = [{"reference": references[i], "generated": generated[i], "baseline": baseline[i]}
                               for i in range(min(examples, len(references)))]

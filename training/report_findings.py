@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from voxsearch.training.report_vqa import FindingVocabulary, parse_findings
 
 _CLAUSE = re.compile(r"[.;:!?\n]+|,\s*(?:but|however|whereas)\b|\bbut\b|\bhowever\b")
@@ -106,4 +108,43 @@ def finding_scores(truths: Sequence[set], texts: Sequence[str], matcher: Finding
     out["abnormal"]["n"] = sum(1 for t in truths if t)
     out["all"]["n"] = len(truths)
     out["normal_specificity"] = normal_clean / normal if normal else None
+    return out
+
+
+def _study_counts(truths: Sequence[set], texts: Sequence[str], matcher: FindingMatcher) -> np.ndarray:
+    counts = []
+    for truth, text in zip(truths, texts):
+        pred = matcher.extract(text)
+        counts.append((len(pred & truth), len(pred - truth), len(truth - pred)))
+    return np.array(counts, dtype=np.int64).reshape(-1, 3)
+
+
+def _micro_f1(counts: np.ndarray) -> np.ndarray:
+    """F1 from (..., 3) arrays of summed (tp, fp, fn); 0 where nothing was predicted or true."""
+    tp, fp, fn = (counts[..., i].astype(float) for i in range(3))
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def paired_f1_bootstrap(truths: Sequence[set], texts_a: Sequence[str], texts_b: Sequence[str],
+                        matcher: FindingMatcher, resamples: int = 2000, seed: int = 0) -> dict:
+    """95% interval of F1(a) - F1(b) by resampling studies with replacement, the same studies for both.
+
+    A few dozen held-out studies make a ratio of F1s look firmer than it is: the interval says whether
+    the difference would survive another draw of test studies."""
+    if not (len(truths) == len(texts_a) == len(texts_b)):
+        raise ValueError(f"{len(truths)} ground-truth sets, {len(texts_a)} and {len(texts_b)} texts")
+    a, b = _study_counts(truths, texts_a, matcher), _study_counts(truths, texts_b, matcher)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for group, keep in (("all", np.ones(len(truths), bool)), ("abnormal", np.array([bool(t) for t in truths]))):
+        ga, gb = a[keep], b[keep]
+        if not len(ga):
+            continue
+        idx = rng.integers(0, len(ga), size=(resamples, len(ga)))
+        diff = _micro_f1(ga[idx].sum(axis=1)) - _micro_f1(gb[idx].sum(axis=1))
+        lo, hi = np.percentile(diff, [2.5, 97.5])
+        out[group] = {"f1_diff": float(_micro_f1(ga.sum(axis=0)) - _micro_f1(gb.sum(axis=0))),
+                      "ci95": [float(lo), float(hi)], "p_a_not_better": float((diff <= 0).mean()),
+                      "studies": int(len(ga)), "resamples": resamples}
     return out
