@@ -122,8 +122,9 @@ def main(argv=None) -> int:
 
     lm = None
     if args.model:
+        saved = json.loads((args.model / "config.json").read_text())
         model_dir, s1_metrics = args.model, {"skipped": "--model"}
-        s2_metrics = json.loads((args.model / "config.json").read_text()).get("extra", {}).get("training")
+        lm, s2_metrics = saved["config"].get("lm"), saved.get("extra", {}).get("training")
     else:
         if args.quick:
             from voxsearch.training.data import load_catalog
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
     payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "lm": "tiny random LM" if lm else "SmolLM2-135M-Instruct (embedded GGUF, dequantised)",
+               "lm": lm or "SmolLM2-135M-Instruct (embedded GGUF, dequantised)",
                "stage1": s1_metrics, "stage2": s2_metrics, "timings_s": timings,
                "result": results["catalog test split"], "held_out": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ nearest to the type mention) and no negation cue governs the mention in that cla
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,35 +88,32 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "fp": fp, "fn": fn}
 
 
-def finding_scores(truths: Sequence[set], texts: Sequence[str], matcher: FindingMatcher) -> dict:
-    """Micro precision/recall/F1 over all studies and over abnormal studies alone, plus how often a
-    normal study's text asserts no finding at all."""
+def _study_counts(truths: Sequence[set], texts: Sequence[str], matcher: FindingMatcher) -> np.ndarray:
+    """(tp, fp, fn) of each study's text against its ground truth, shape (studies, 3)."""
     if len(truths) != len(texts):
         raise ValueError(f"{len(truths)} ground-truth sets but {len(texts)} texts")
-    totals = {"all": [0, 0, 0], "abnormal": [0, 0, 0]}
-    normal_clean = normal = 0
-    for truth, text in zip(truths, texts):
-        pred = matcher.extract(text)
-        counts = (len(pred & truth), len(pred - truth), len(truth - pred))
-        groups: Iterable[str] = ("all", "abnormal") if truth else ("all",)
-        for g in groups:
-            totals[g] = [a + b for a, b in zip(totals[g], counts)]
-        if not truth:
-            normal += 1
-            normal_clean += int(not pred)
-    out = {g: {**_prf(*v)} for g, v in totals.items()}
-    out["abnormal"]["n"] = sum(1 for t in truths if t)
-    out["all"]["n"] = len(truths)
-    out["normal_specificity"] = normal_clean / normal if normal else None
-    return out
-
-
-def _study_counts(truths: Sequence[set], texts: Sequence[str], matcher: FindingMatcher) -> np.ndarray:
     counts = []
     for truth, text in zip(truths, texts):
         pred = matcher.extract(text)
         counts.append((len(pred & truth), len(pred - truth), len(truth - pred)))
     return np.array(counts, dtype=np.int64).reshape(-1, 3)
+
+
+def _groups(truths: Sequence[set]) -> dict[str, np.ndarray]:
+    return {"all": np.ones(len(truths), bool), "abnormal": np.array([bool(t) for t in truths], bool)}
+
+
+def finding_scores(truths: Sequence[set], texts: Sequence[str], matcher: FindingMatcher) -> dict:
+    """Micro precision/recall/F1 over all studies and over abnormal studies alone, plus how often a
+    normal study's text asserts no finding at all."""
+    counts = _study_counts(truths, texts, matcher)
+    groups = _groups(truths)
+    out = {g: {**_prf(*(int(v) for v in counts[keep].sum(axis=0))), "n": int(keep.sum())}
+           for g, keep in groups.items()}
+    # A normal study has no true finding, so every finding its text asserts is a false positive.
+    normal = ~groups["abnormal"]
+    out["normal_specificity"] = float((counts[normal, 1] == 0).mean()) if normal.any() else None
+    return out
 
 
 def _micro_f1(counts: np.ndarray) -> np.ndarray:
@@ -132,12 +129,10 @@ def paired_f1_bootstrap(truths: Sequence[set], texts_a: Sequence[str], texts_b: 
 
     A few dozen held-out studies make a ratio of F1s look firmer than it is: the interval says whether
     the difference would survive another draw of test studies."""
-    if not (len(truths) == len(texts_a) == len(texts_b)):
-        raise ValueError(f"{len(truths)} ground-truth sets, {len(texts_a)} and {len(texts_b)} texts")
     a, b = _study_counts(truths, texts_a, matcher), _study_counts(truths, texts_b, matcher)
     rng = np.random.default_rng(seed)
     out = {}
-    for group, keep in (("all", np.ones(len(truths), bool)), ("abnormal", np.array([bool(t) for t in truths]))):
+    for group, keep in _groups(truths).items():
         ga, gb = a[keep], b[keep]
         if not len(ga):
             continue
