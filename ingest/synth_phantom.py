@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from voxsearch.ingest.synth_vocab import CT_LESION_ABSOLUTE, CT_LESION_DELTA, MR_LESION_DELTA
+from voxsearch.ingest.synth_vocab import (
+    CT_LESION_ABSOLUTE,
+    CT_LESION_ABSOLUTE_IN_ORGAN,
+    CT_LESION_DELTA,
+    MR_LESION_DELTA,
+)
 
 # (in-plane voxels, (min slices, max slices)) per size knob.
 GRIDS = {"tiny": (40, (16, 28)), "small": (96, (36, 64)), "full": (256, (90, 180))}
@@ -142,15 +147,17 @@ def render(rng: np.random.Generator, body_part: str, modality: str, phase: str, 
     return cv.array, cv.affine
 
 
-def _lesion_value(modality: str, kind: str, host: float) -> float:
+def _lesion_value(modality: str, kind: str, organ: str, host: float) -> float:
     if modality == "CT":
+        if (organ, kind) in CT_LESION_ABSOLUTE_IN_ORGAN:
+            return CT_LESION_ABSOLUTE_IN_ORGAN[(organ, kind)]
         delta = CT_LESION_DELTA[kind]
         return CT_LESION_ABSOLUTE[kind] if delta is None else host + delta
     return max(host + MR_LESION_DELTA[kind], 20.0)
 
 
 def _draw_lesions(rng, cv: Canvas, finding: dict, parts, modality: str, host: float, cache: dict):
-    value = _lesion_value(modality, finding["type"], host)
+    value = _lesion_value(modality, finding["type"], finding["organ"], host)
     side = finding["side"]
     for i in range(finding["count"]):
         if finding["organ"] == "brain":

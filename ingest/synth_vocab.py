@@ -35,6 +35,9 @@ LESIONS = {
 # CT: lesion HU = host HU + delta, or an absolute value when the lesion has its own density.
 CT_LESION_DELTA = {"hemorrhage": 60, "infarct": -35, "mass": 90, "metastasis": -75, "nodule": None, "cyst": None, "stone": None}
 CT_LESION_ABSOLUTE = {"nodule": 40.0, "cyst": 5.0, "stone": 700.0}
+# A solid lesion in aerated lung is soft tissue, not "lung plus a little": host + delta would give
+# about -760 HU, which every soft-tissue window maps to black, i.e. an invisible mass.
+CT_LESION_ABSOLUTE_IN_ORGAN = {("lung", "mass"): 45.0}
 # MR (T1-like, arbitrary units): bright or dark against the host organ.
 MR_LESION_DELTA = {"hemorrhage": 300, "infarct": -220, "mass": 260, "metastasis": -230, "nodule": 250, "cyst": -260, "stone": -300}
 
