@@ -1,6 +1,6 @@
 """voxsearch.encoders: DCFormer image encoder, text tower, CLIP model, SigLIP loss, checkpoints, importers."""
 
-from .checkpoint import load_clip, model_id, read_clip_meta, save_clip
+from .checkpoint import export_clip, load_clip, model_id, read_clip_meta, save_clip
 from .clip import ClipConfig, ClipModel
 from .dcformer import VARIANTS, DCFormer, DCFormerSpec, count_parameters, dcformer
 from .inference import fold_batchnorm, inference_context
@@ -13,7 +13,7 @@ from .text import TextTower, TextTowerConfig
 __all__ = [
     "VARIANTS", "CheckpointMismatchError", "ClipConfig", "ClipModel", "DCFormer", "DCFormerSpec",
     "MixerProjector", "MixerProjectorConfig", "SigLipLoss", "TextTower", "TextTowerConfig", "count_parameters",
-    "dcformer", "distributed_siglip_loss", "fold_batchnorm", "import_med3dvlm_clip", "inference_context",
+    "dcformer", "distributed_siglip_loss", "export_clip", "fold_batchnorm", "import_med3dvlm_clip", "inference_context",
     "load_clip", "load_med3dvlm_dcformer", "load_med3dvlm_projector", "model_id", "read_clip_meta",
     "read_state_dict", "save_clip", "siglip_loss",
 ]

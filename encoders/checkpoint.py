@@ -4,6 +4,10 @@
     config.json         {"format": "voxsearch-clip", "format_version": 1, "clip_config": ..., "extra": ...}
     text/               the text tower's HF config and tokenizer (weights live in model.safetensors)
 
+A checkpoint whose text tower is the packaged MiniLM, unchanged (trained frozen), can be exported
+without it (``export_clip(..., packaged_text=True)``): a few MB instead of ~100, small enough to ship
+inside the voxsearch package; loading takes the text weights from the installed package.
+
 Directories are written to a temporary sibling and renamed into place, so a reader never sees half a
 checkpoint and a failed save leaves the previous one intact.
 """
@@ -61,6 +65,42 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
     return directory
 
 
+def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -> Path:
+    """Copy checkpoint ``src`` to ``dest``; with ``packaged_text`` leave out the text tower, which must then
+    be the packaged default tower with its weights unchanged (checked tensor by tensor)."""
+    from safetensors.torch import save_file
+
+    model = load_clip(src)
+    meta = read_clip_meta(src)
+    if not packaged_text:
+        return save_clip(model, dest, extra=meta.get("extra"))
+    from .text import TextTower, TextTowerConfig
+
+    reference = TextTower(TextTowerConfig(pooling=model.config.text.pooling,
+                                          max_length=model.config.text.max_length)).state_dict()
+    mine = model.text.state_dict()
+    if set(reference) != set(mine) or any(not torch.equal(reference[k], mine[k]) for k in reference):
+        raise ValueError(f"{src}: its text tower is not the packaged one unchanged (trained or another model); "
+                         "export it with its text weights")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg["text"]["path"] = None
+    out_meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "clip_config": cfg,
+                "extra": meta.get("extra") or {}, "text_weights": "packaged"}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+                   if not k.startswith("text.")}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
+        (tmp / CONFIG).write_text(json.dumps(out_meta, indent=2, sort_keys=True))
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists():
         os.replace(src, dst)
@@ -102,14 +142,17 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> Clip
     directory = Path(directory)
     meta = read_clip_meta(directory)
     cfg = dict(meta["clip_config"])
-    cfg["text"] = dict(cfg["text"], path=str(directory / cfg["text"]["path"]))
-    model = ClipModel(ClipConfig.from_dict(cfg), load_text_weights=False)
+    packaged_text = meta.get("text_weights") == "packaged"
+    if not packaged_text:
+        cfg["text"] = dict(cfg["text"], path=str(directory / cfg["text"]["path"]))
+    model = ClipModel(ClipConfig.from_dict(cfg), load_text_weights=packaged_text)
     try:
         state = load_file(str(directory / WEIGHTS))
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"cannot read weights {directory / WEIGHTS}: {exc}") from exc
-    check_layout(str(directory / WEIGHTS), state, {k: v.shape for k, v in model.state_dict().items()})
-    model.load_state_dict(state, strict=True)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (packaged_text and k.startswith("text."))}
+    check_layout(str(directory / WEIGHTS), state, expected)
+    model.load_state_dict(state, strict=not packaged_text)
     return model.to(device).eval()
 
 

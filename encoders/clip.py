@@ -24,8 +24,12 @@ class ClipConfig:
     init_t_prime: float = math.log(10)
     init_bias: float = -10.0
     image_size: tuple[int, int, int] = (128, 256, 256)  # (D, H, W) the model is trained and used at
+    input_filter: int = 0  # box pre-filter before the DCFormer stem (see DCFormer); 0 = published
+    # Names of the findings the image embedding is also trained to predict ("type|organ"); empty: no head.
+    finding_labels: tuple[str, ...] = ()
 
     def __post_init__(self):
+        self.finding_labels = tuple(str(v) for v in self.finding_labels)
         if isinstance(self.text, dict):
             self.text = TextTowerConfig.from_dict(self.text)
         self.image_size = tuple(int(s) for s in self.image_size)
@@ -45,6 +49,8 @@ class ClipConfig:
             "init_t_prime": self.init_t_prime,
             "init_bias": self.init_bias,
             "image_size": list(self.image_size),
+            "input_filter": self.input_filter,
+            "finding_labels": list(self.finding_labels),
         }
 
     @classmethod
@@ -56,13 +62,17 @@ class ClipModel(nn.Module):
     def __init__(self, cfg: ClipConfig | None = None, load_text_weights: bool = True):
         super().__init__()
         self.config = cfg or ClipConfig()
-        self.vision: DCFormer = dcformer(self.config.vision_variant)
+        self.vision: DCFormer = dcformer(self.config.vision_variant, input_filter=self.config.input_filter)
         self.text = TextTower(self.config.text, load_weights=load_text_weights)
         self.vision_proj = nn.Linear(self.vision.channels[-1], self.config.embed_dim)
         self.text_proj = nn.Linear(self.text.hidden_size, self.config.embed_dim)
         self.t_prime = nn.Parameter(torch.tensor(float(self.config.init_t_prime)))
         self.bias = nn.Parameter(torch.tensor(float(self.config.init_bias)))
         self.criterion = SigLipLoss(self.config.loss_mode)
+        # A linear read-out of findings from the (normalised) image embedding: training it makes the
+        # findings linearly present in the very vector that search compares.
+        labels = self.config.finding_labels
+        self.finding_head = nn.Linear(self.config.embed_dim, len(labels)) if labels else None
 
     @property
     def device(self) -> torch.device:
@@ -75,19 +85,44 @@ class ClipModel(nn.Module):
         return F.normalize(self.vision_proj(pooled), dim=-1)
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)
+        return self.project_text(self.text(input_ids, attention_mask))
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled text-tower features (B, hidden) -> (B, E), L2-normalised (a frozen tower's features can
+        be computed once and reused every step)."""
+        return F.normalize(self.text_proj(features), dim=-1)
+
+    def finding_logits(self, img_emb: torch.Tensor) -> torch.Tensor:
+        if self.finding_head is None:
+            raise ValueError("this model has no finding head (trained without finding labels)")
+        return self.finding_head(img_emb)
+
+    def predict_findings(self, img_emb: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, len(config.finding_labels)) from image embeddings."""
+        return torch.sigmoid(self.finding_logits(img_emb))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         enc = self.text.tokenize(texts)
         return self.encode_text_tokens(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text_tokens(input_ids, attention_mask)
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
+                with_findings: bool = False):
+        """(image, text) embeddings, plus finding logits when ``with_findings``. Text comes as tokens or as
+        precomputed tower features; one forward for all of it, so DDP sees every trained parameter."""
+        img = self.encode_image(images)
+        if text_features is not None:
+            txt = self.project_text(text_features)
+        else:
+            txt = self.encode_text_tokens(input_ids, attention_mask)
+        if with_findings:
+            return img, txt, self.finding_logits(img)
+        return img, txt
 
-    def loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-        """SigLIP loss with this model's t' and b (chunked across ranks when a process group is active)."""
-        return self.criterion(img_emb, txt_emb, self.t_prime, self.bias)
+    def loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """SigLIP loss with this model's t' and b (chunked across ranks when a process group is active).
+        ``groups``: one id per pair; pairs of different rows with the same id >= 0 are not negatives."""
+        return self.criterion(img_emb, txt_emb, self.t_prime, self.bias, groups=groups)
 
     def prepare_for_inference(self) -> "ClipModel":
         """Eval mode with every BatchNorm folded into its convolution; pair with ``inference()``."""

@@ -129,13 +129,24 @@ class DCFormerEncoder(nn.Module):
 
 
 class DCFormer(nn.Module):
-    """DCFormer image encoder: (B, 1, D, H, W) -> five stage maps as (B, tokens, C), tokens depth-major."""
+    """DCFormer image encoder: (B, 1, D, H, W) -> five stage maps as (B, tokens, C), tokens depth-major.
 
-    def __init__(self, spec: DCFormerSpec, in_channels: int = 1, variant: str | None = None):
+    ``input_filter`` k > 1 box-filters the input (k x k x k, stride 1) before the stem. The stem's 1-D
+    kernels run at stride 4 in all three axes, so each branch reads one line in 16 of every plane: at
+    small inputs (32x64x64) a lesion of a few voxels can fall entirely between the lines. The filter
+    lets every voxel reach the stem; it has no weights, so published checkpoints load either way, and
+    0 (the default) keeps the published computation exactly.
+    """
+
+    def __init__(self, spec: DCFormerSpec, in_channels: int = 1, variant: str | None = None,
+                 input_filter: int = 0):
         super().__init__()
+        if input_filter < 0 or (input_filter > 1 and input_filter % 2 == 0):
+            raise ValueError(f"input_filter must be 0, 1 or an odd size, got {input_filter}")
         self.spec = spec
         self.variant = variant
         self.in_channels = in_channels
+        self.input_filter = int(input_filter)
         self.channels: list[int] = list(spec.channels)
         self.encoder = DCFormerEncoder(spec, in_channels)
 
@@ -151,6 +162,9 @@ class DCFormer(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"DCFormer expects a floating-point volume, got dtype {x.dtype}")
+        if self.input_filter > 1:
+            k = self.input_filter
+            x = nn.functional.avg_pool3d(x, k, stride=1, padding=k // 2, count_include_pad=False)
         return self.encoder(x.permute(0, 1, 3, 4, 2))
 
     @staticmethod
@@ -170,13 +184,13 @@ class DCFormer(nn.Module):
         return shapes
 
 
-def dcformer(variant: str = "small", in_channels: int = 1) -> DCFormer:
+def dcformer(variant: str = "small", in_channels: int = 1, input_filter: int = 0) -> DCFormer:
     """A freshly initialised DCFormer of one published variant (nano, naive, tiny, small, base, large)."""
     try:
         spec = VARIANTS[variant]
     except KeyError:
         raise ValueError(f"unknown DCFormer variant {variant!r}; choose one of {sorted(VARIANTS)}") from None
-    return DCFormer(spec, in_channels=in_channels, variant=variant)
+    return DCFormer(spec, in_channels=in_channels, variant=variant, input_filter=input_filter)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -24,12 +24,28 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown SigLIP loss mode {mode!r}; choose one of {MODES}")
 
 
-def _block_loss_sum(logits: torch.Tensor, positives_on_diagonal: bool) -> torch.Tensor:
-    """-sum log sigmoid(z * logits) for one block; z = -1 everywhere except a +1 diagonal if asked."""
+def _block_loss_sum(logits: torch.Tensor, positives_on_diagonal: bool, not_negative: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """-sum log sigmoid(z * logits) for one block; z = -1 everywhere except a +1 diagonal if asked.
+    Off-diagonal entries where ``not_negative`` is true are left out of the sum."""
     if positives_on_diagonal:
-        labels = 2 * torch.eye(logits.shape[0], logits.shape[1], device=logits.device, dtype=logits.dtype) - 1
-        return -F.logsigmoid(labels * logits).sum()
-    return -F.logsigmoid(-logits).sum()
+        eye = torch.eye(logits.shape[0], logits.shape[1], device=logits.device, dtype=torch.bool)
+        terms = -F.logsigmoid((2 * eye.to(logits.dtype) - 1) * logits)
+        if not_negative is not None:
+            terms = terms.masked_fill(not_negative & ~eye, 0.0)
+        return terms.sum()
+    terms = -F.logsigmoid(-logits)
+    if not_negative is not None:
+        terms = terms.masked_fill(not_negative, 0.0)
+    return terms.sum()
+
+
+def _same_group(rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor | None:
+    # Studies with the same findings (same group id) are not negatives of each other: pushing two
+    # normal abdomens apart teaches the model noise. Id -1 means "in no group".
+    if rows is None or cols is None:
+        return None
+    return (rows[:, None] == cols[None, :]) & (rows[:, None] >= 0)
 
 
 def _block_logits(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, mode: str,
@@ -42,8 +58,9 @@ def _block_logits(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bia
 
 
 def siglip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, t_prime: torch.Tensor, bias: torch.Tensor,
-                mode: str = "siglip") -> torch.Tensor:
-    """Single-process loss over a batch of N matched (image, text) pairs."""
+                mode: str = "siglip", groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Single-process loss over a batch of N matched (image, text) pairs; ``groups`` (N,) ids mark
+    pairs that are not negatives of each other (see _same_group)."""
     _check_mode(mode)
     if img_emb.shape != txt_emb.shape or img_emb.ndim != 2:
         raise ValueError(
@@ -51,7 +68,8 @@ def siglip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, t_prime: torch.Ten
             f"{tuple(img_emb.shape)} and {tuple(txt_emb.shape)}"
         )
     logits = _block_logits(img_emb, txt_emb, t_prime.exp(), bias, mode, img_other=img_emb, txt_local=txt_emb)
-    return _block_loss_sum(logits, positives_on_diagonal=True) / img_emb.shape[0]
+    groups = None if groups is None else groups.to(img_emb.device)
+    return _block_loss_sum(logits, True, _same_group(groups, groups)) / img_emb.shape[0]
 
 
 class _RingShift(torch.autograd.Function):
@@ -95,7 +113,8 @@ def _gather_sizes(n_local: int, device: torch.device, group) -> list[int]:
 
 
 def distributed_siglip_loss(img_local: torch.Tensor, txt_local: torch.Tensor, t_prime: torch.Tensor,
-                            bias: torch.Tensor, mode: str = "siglip", group=None) -> torch.Tensor:
+                            bias: torch.Tensor, mode: str = "siglip", group=None,
+                            groups: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's share of the global loss; the mean over ranks equals ``siglip_loss`` on the whole batch.
 
     Returning the share (not the all-reduced value) keeps the gradients right under DDP, which averages
@@ -117,9 +136,15 @@ def distributed_siglip_loss(img_local: torch.Tensor, txt_local: torch.Tensor, t_
     scale = t_prime.exp()
     dim = img_local.shape[1]
 
+    all_groups = None
+    if groups is not None:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, [int(g) for g in groups.tolist()], group=group)
+        all_groups = [torch.tensor(g, dtype=torch.long, device=img_local.device) for g in gathered]
+    mine = None if all_groups is None else all_groups[rank]
     total = _block_loss_sum(
-        _block_logits(img_local, txt_local, scale, bias, mode, img_other=img_local, txt_local=txt_local), True
-    )
+        _block_logits(img_local, txt_local, scale, bias, mode, img_other=img_local, txt_local=txt_local), True,
+        _same_group(mine, mine))
     txt_chunk, img_chunk = txt_local, img_local
     for step in range(1, world):
         src = (rank - step) % world
@@ -128,7 +153,8 @@ def distributed_siglip_loss(img_local: torch.Tensor, txt_local: torch.Tensor, t_
         if mode == "med3dvlm":
             img_chunk = _RingShift.apply(img_chunk, shape, group)
         logits = _block_logits(img_local, txt_chunk, scale, bias, mode, img_other=img_chunk, txt_local=txt_local)
-        total = total + _block_loss_sum(logits, positives_on_diagonal=False)
+        other = None if all_groups is None else all_groups[src]
+        total = total + _block_loss_sum(logits, False, _same_group(mine, other))
     return total * world / n_global
 
 
@@ -147,9 +173,9 @@ class SigLipLoss(nn.Module):
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, t_prime: torch.Tensor,
-             bias: torch.Tensor) -> torch.Tensor:
+             bias: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         if self._use_distributed():
-            return distributed_siglip_loss(img_emb, txt_emb, t_prime, bias, mode=self.mode)
-        return siglip_loss(img_emb, txt_emb, t_prime, bias, mode=self.mode)
+            return distributed_siglip_loss(img_emb, txt_emb, t_prime, bias, mode=self.mode, groups=groups)
+        return siglip_loss(img_emb, txt_emb, t_prime, bias, mode=self.mode, groups=groups)
 
     forward = loss

@@ -228,3 +228,44 @@ def test_import_med3dvlm_clip_from_file(tmp_path):
     save_file(published, str(tmp_path / "broken.safetensors"))
     with pytest.raises(CheckpointMismatchError, match=r"missing: mm_language_proj\.bias"):
         import_med3dvlm_clip(tmp_path / "broken.safetensors", text_dir=distilbert_dir)
+
+
+def test_export_without_packaged_text_weights_is_small_and_loads_the_same(tmp_path):
+    from voxsearch.encoders import export_clip
+
+    torch.manual_seed(1)
+    model = ClipModel(ClipConfig(vision_variant="nano", embed_dim=16, input_filter=3,
+                                 finding_labels=("cyst|liver", "nodule|lung"))).eval()
+    full = save_clip(model, tmp_path / "full")
+    small = export_clip(full, tmp_path / "small")
+    assert (small / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size / 5
+    assert not (small / "text").exists()
+    loaded = load_clip(small)
+    x = torch.rand(2, 1, 32, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(x), model.encode_image(x), atol=1e-6)
+        assert torch.allclose(loaded.encode_text(["liver cyst"]), model.encode_text(["liver cyst"]), atol=1e-6)
+        assert torch.allclose(loaded.predict_findings(model.encode_image(x)), model.predict_findings(model.encode_image(x)))
+    assert loaded.config.finding_labels == ("cyst|liver", "nodule|lung") and loaded.config.input_filter == 3
+
+    with torch.no_grad():  # a text tower that training changed cannot be replaced by the package's
+        next(model.text.parameters()).add_(0.01)
+    changed = save_clip(model, tmp_path / "changed")
+    with pytest.raises(ValueError, match="not the packaged one"):
+        export_clip(changed, tmp_path / "changed_small")
+
+
+def test_input_filter_lets_the_stem_see_a_voxel_between_its_lines():
+    from voxsearch.encoders import dcformer
+
+    torch.manual_seed(0)
+    plain, filtered = dcformer("nano").eval(), dcformer("nano", input_filter=3).eval()
+    filtered.load_state_dict(plain.state_dict())  # the filter has no weights: same parameters
+    base = torch.zeros(1, 1, 32, 64, 64)
+    dot = base.clone()
+    dot[0, 0, 17, 33, 34] = 1.0  # off the stride-4 grid in all three axes
+    with torch.no_grad():
+        assert torch.equal(plain(base)[0], plain(dot)[0])  # the published stem never reads it
+        assert not torch.allclose(filtered(base)[0], filtered(dot)[0])
+    with pytest.raises(ValueError, match="odd"):
+        dcformer("nano", input_filter=4)

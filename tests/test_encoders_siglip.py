@@ -46,6 +46,9 @@ def test_bad_inputs_are_refused():
 
 
 SIZES = (3, 5)  # unequal local batches: the normalisation must use the global N
+# Same-findings groups that span both ranks (ids 0, 1, 2) and rows in no group (-1).
+GROUPS = torch.tensor([0, 1, 0, -1, 2, 1, 2, -1])
+VARIANTS = (("siglip", False), ("med3dvlm", False), ("siglip", True), ("med3dvlm", True))
 
 
 def _global_batch():
@@ -64,18 +67,34 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         start = sum(SIZES[:rank])
         sl = slice(start, start + SIZES[rank])
         results = {}
-        for mode in ("siglip", "med3dvlm"):
+        for mode, grouped in VARIANTS:
             img_l = img[sl].clone().requires_grad_(True)
             txt_l = txt[sl].clone().requires_grad_(True)
             t_l = t.clone().requires_grad_(True)
             b_l = b.clone().requires_grad_(True)
-            loss = SigLipLoss(mode).loss(img_l, txt_l, t_l, b_l)  # picks the distributed form
+            groups = GROUPS[sl] if grouped else None
+            loss = SigLipLoss(mode).loss(img_l, txt_l, t_l, b_l, groups=groups)  # picks the distributed form
             loss.backward()
-            results[mode] = {"loss": loss.detach(), "img": img_l.grad, "txt": txt_l.grad,
+            results[(mode, grouped)] = {"loss": loss.detach(), "img": img_l.grad, "txt": txt_l.grad,
                              "t": t_l.grad, "b": b_l.grad}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def test_pairs_with_the_same_findings_are_not_negatives():
+    img, txt, t, b = _global_batch()
+    n = img.shape[0]
+    logits = img @ txt.T * t.exp() + b
+    z = 2 * torch.eye(n) - 1
+    keep = ~((GROUPS[:, None] == GROUPS[None, :]) & (GROUPS[:, None] >= 0)) | torch.eye(n, dtype=torch.bool)
+    expected = -(torch.nn.functional.logsigmoid(z * logits) * keep).sum() / n
+    assert torch.allclose(siglip_loss(img, txt, t, b, "siglip", groups=GROUPS), expected)
+    # Grouping must change the loss here (pairs 0-2, 1-5 and 4-6 are dropped as negatives) ...
+    assert not torch.allclose(siglip_loss(img, txt, t, b, "siglip"), expected)
+    # ... and ids of -1 group nothing.
+    assert torch.allclose(siglip_loss(img, txt, t, b, "siglip", groups=torch.full((n,), -1)),
+                          siglip_loss(img, txt, t, b, "siglip"))
 
 
 def test_distributed_equals_single_process(tmp_path):
@@ -85,10 +104,11 @@ def test_distributed_equals_single_process(tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     img, txt, t, b = _global_batch()
-    for mode in ("siglip", "med3dvlm"):
+    for mode, grouped in VARIANTS:
         img_g, txt_g = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
         t_g, b_g = t.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        ref = siglip_loss(img_g, txt_g, t_g, b_g, mode)
+        ref = siglip_loss(img_g, txt_g, t_g, b_g, mode, groups=GROUPS if grouped else None)
+        mode = (mode, grouped)
         ref.backward()
         mean_loss = sum(r[mode]["loss"] for r in ranks) / world
         assert torch.allclose(mean_loss, ref.detach(), rtol=1e-5, atol=1e-6), mode

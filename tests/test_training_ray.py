@@ -19,7 +19,7 @@ SIZE = (32, 64, 64)
 
 
 def tiny_config(catalog: Path, out: Path, **overrides):
-    base = dict(workers=2, epochs=5, batch_size=4, lr=3e-3, warmup_steps=2, eval_ns=(100,),
+    base = dict(workers=2, cpus_per_worker=1.0, epochs=5, batch_size=4, lr=3e-3, warmup_steps=2, eval_ns=(100,),
                 preprocess_workers=2, seed=0)
     base.update(overrides)
     return preset("quick", catalog, out, **base)

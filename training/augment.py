@@ -1,8 +1,10 @@
-"""Training-time augmentation of preprocessed volumes, as Med3DVLM (after M3D) does it, with MONAI.
+"""Training-time augmentation of preprocessed volumes that keeps anatomy where it is.
 
-Input and output are (1, D, H, W) float arrays in [0, 1] as `voxsearch.ingest.load_volume` returns:
-the axial plane is (H, W), so the 90-degree rotation turns about the depth axis and never mixes
-slices with in-plane pixels of a different spacing.
+Input and output are (1, D, H, W) float arrays in [0, 1] as `voxsearch.ingest.load_volume` returns.
+Reports name sides ("left kidney", "right lung"), so nothing here flips or rotates the patient: a
+left-right flip with a 90-degree axial turn leaves patient left on image left in only about half of
+the samples and teaches the model that side words mean nothing. What varies between scanners and
+visits does vary here: a few voxels of position, contrast and brightness, gamma, noise.
 """
 
 from __future__ import annotations
@@ -13,35 +15,37 @@ import numpy as np
 
 
 class VolumeAugment:
-    """Seeded, checkpointable random rotation/flips/intensity changes."""
+    """Seeded, checkpointable shift / intensity / gamma / noise changes."""
 
-    def __init__(self, seed: int):
-        from monai.transforms import Compose, RandFlip, RandRotate90, RandScaleIntensity, RandShiftIntensity
+    def __init__(self, seed: int, max_shift: int = 2, scale: float = 0.1, offset: float = 0.05,
+                 gamma: float = 0.2, noise: float = 0.02):
+        self.rng = np.random.default_rng(seed)
+        self.max_shift, self.scale, self.offset, self.gamma, self.noise = max_shift, scale, offset, gamma, noise
 
-        self._compose = Compose(
-            [
-                RandRotate90(prob=0.5, max_k=3, spatial_axes=(1, 2)),
-                RandFlip(prob=0.1, spatial_axis=0),
-                RandFlip(prob=0.1, spatial_axis=1),
-                RandFlip(prob=0.1, spatial_axis=2),
-                RandScaleIntensity(factors=0.1, prob=0.5),
-                RandShiftIntensity(offsets=0.1, prob=0.5),
-            ]
-        )
-        self._compose.set_random_state(seed=seed)
+    def _shift(self, volume: np.ndarray) -> np.ndarray:
+        # Translation with zero fill (air), not np.roll: wrapping would paste the body's far edge in.
+        out = np.zeros_like(volume)
+        src, dst = [slice(None)], [slice(None)]
+        for n in volume.shape[1:]:
+            s = int(self.rng.integers(-self.max_shift, self.max_shift + 1)) if n > 4 * self.max_shift else 0
+            src.append(slice(max(0, -s), n - max(0, s)))
+            dst.append(slice(max(0, s), n - max(0, -s)))
+        out[tuple(dst)] = volume[tuple(src)]
+        return out
 
     def __call__(self, volume: np.ndarray) -> np.ndarray:
-        out = self._compose(volume)
-        out = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
-        # Rotations of a non-square plane change its shape; the batch needs one shape, so rotate by
-        # 180 degrees at most in that case (still a valid axial-plane rotation).
-        if out.shape != volume.shape:
-            out = np.rot90(out, k=1, axes=(2, 3))
-        return np.ascontiguousarray(out, dtype=np.float32)
+        out = np.asarray(volume, dtype=np.float32)
+        if self.max_shift:
+            out = self._shift(out)
+        if self.gamma:
+            out = np.power(np.clip(out, 0.0, 1.0), float(np.exp(self.rng.uniform(-self.gamma, self.gamma))))
+        out = out * float(1.0 + self.rng.uniform(-self.scale, self.scale)) + float(self.rng.uniform(-self.offset, self.offset))
+        if self.noise:
+            out = out + self.rng.normal(0.0, float(self.rng.uniform(0.0, self.noise)), size=out.shape).astype(np.float32)
+        return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
-    def state(self) -> list[Any]:
-        return [t.R.get_state() for t in self._compose.transforms]
+    def state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
 
-    def set_state(self, states: list[Any]) -> None:
-        for t, s in zip(self._compose.transforms, states):
-            t.R.set_state(s)
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state

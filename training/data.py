@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 log = logging.getLogger(__name__)
 
-PAIR_COLUMNS = ("series_id", "split", "report", "findings", "volume")
+PAIR_COLUMNS = ("series_id", "split", "report", "findings", "modality", "body_part", "volume")
 
 
 def load_catalog(catalog: Path | str | pa.Table) -> pa.Table:
@@ -72,17 +72,11 @@ class PreprocessPairs:
             out["split"].append(row["split"])
             out["report"].append(row.get("report") or "")
             out["findings"].append(row.get("findings") or "")
+            out["modality"].append(row.get("modality") or "")
+            out["body_part"].append(row.get("body_part") or "")
             out["volume"].append(volume.astype(np.float16))
-        if not out["volume"]:
-            return {"series_id": np.array([], dtype=object), "split": np.array([], dtype=object),
-                    "report": np.array([], dtype=object),
-                    "findings": np.array([], dtype=object),
-                    "volume": np.zeros((0, *self.expected), dtype=np.float16)}
-        return {"series_id": np.array(out["series_id"], dtype=object),
-                "split": np.array(out["split"], dtype=object),
-                "report": np.array(out["report"], dtype=object),
-                "findings": np.array(out["findings"], dtype=object),
-                "volume": np.stack(out["volume"])}
+        volumes = np.stack(out.pop("volume")) if out["volume"] else np.zeros((0, *self.expected), dtype=np.float16)
+        return {**{k: np.array(v, dtype=object) for k, v in out.items()}, "volume": volumes}
 
 
 def preprocessed_dataset(rows: pa.Table, preprocess: dict[str, Any], workers: int = 2,

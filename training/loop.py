@@ -63,13 +63,22 @@ def build_model(cfg: ClipTrainConfig):
     if cfg.init is None:
         return ClipModel(cfg.model)
     if cfg.init.is_dir():
-        return load_clip(cfg.init)
-    if cfg.init.is_file():
+        model = load_clip(cfg.init)
+    elif cfg.init.is_file():
         if cfg.init_text_dir is None:
             raise ValueError(f"init {cfg.init} is a Med3DVLM checkpoint file: also give init_text_dir "
                              "(its ClinicalBERT directory)")
-        return import_med3dvlm_clip(cfg.init, cfg.init_text_dir)
-    raise FileNotFoundError(f"init checkpoint not found: {cfg.init}")
+        model = import_med3dvlm_clip(cfg.init, cfg.init_text_dir)
+    else:
+        raise FileNotFoundError(f"init checkpoint not found: {cfg.init}")
+    wanted = tuple(cfg.model.finding_labels)
+    if wanted and tuple(model.config.finding_labels) != wanted:
+        # A checkpoint trained without (or with other) finding labels gets a fresh head for this run's.
+        import torch
+
+        model.config.finding_labels = wanted
+        model.finding_head = torch.nn.Linear(model.config.embed_dim, len(wanted))
+    return model
 
 
 def _param_groups(model, cfg: ClipTrainConfig) -> list[dict[str, Any]]:
@@ -87,19 +96,25 @@ def _param_groups(model, cfg: ClipTrainConfig) -> list[dict[str, Any]]:
             for (is_text, no_decay), params in sorted(groups.items())]
 
 
-def _to_tensors(batch: dict[str, np.ndarray], raw_model, count_tokens, augment, device):
+def _finding_targets(cache, labels, group_same_findings: bool):
+    """(labels (n, L) or None, group ids (n,) or None) for the cached studies."""
     import torch
 
-    from voxsearch.training.text import truncate_report
+    from voxsearch.training.finding_labels import FindingLabeler
 
-    volumes = np.asarray(batch["volume"], dtype=np.float32)
-    if augment is not None:
-        volumes = np.stack([augment(v) for v in volumes])
-    budget = raw_model.text.config.max_length
-    reports = [truncate_report(str(r), count_tokens, budget) for r in batch["report"]]
-    tokens = raw_model.text.tokenize(reports)
-    return (torch.from_numpy(volumes).to(device, non_blocking=True),
-            tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    if not labels and not group_same_findings:
+        return None, None
+    labeler = FindingLabeler(labels)
+    y = torch.from_numpy(np.stack([labeler.vector(r) for r in cache.rows])) if labels else None
+    groups = None
+    if group_same_findings:
+        # Group ids must mean the same on every rank (the loss compares ids across ranks): a stable hash
+        # of the key, not a per-rank counter.
+        import hashlib
+
+        groups = torch.tensor([int.from_bytes(hashlib.blake2b(labeler.group_key(r).encode(), digest_size=7).digest(),
+                                              "big") for r in cache.rows], dtype=torch.long)
+    return y, groups
 
 
 def _mean_over_ranks(value: float, world: int) -> float:
@@ -119,12 +134,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
+    import torch.nn.functional as F
 
     from voxsearch.encoders import load_clip, save_clip
     from voxsearch.training.augment import VolumeAugment
     from voxsearch.training.evaluate import embed_pairs, headline, score_embeddings
     from voxsearch.training.schedule import warmup_cosine
-    from voxsearch.training.text import token_counter
+    from voxsearch.training.shard_cache import build_shard_cache, text_features, worker_cache_root
+    from voxsearch.training.text import token_counter, truncate_report
 
     cfg: ClipTrainConfig = loop_config["cfg"]
     steps_per_epoch: int = loop_config["steps_per_epoch"]
@@ -132,6 +149,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     _seed_everything(cfg.seed * 1000 + rank)
 
     checkpoint = ray.train.get_checkpoint()
@@ -149,9 +168,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if cfg.freeze_text:
         for p in raw.text.parameters():
             p.requires_grad_(False)
+    raw.to(device)
     raw.train()
     if cfg.freeze_text:
         raw.text.eval()  # no dropout in a frozen tower: its features stay the pretrained ones
+
+    # This rank's studies, read once from the object store into a local cache.
+    expected = (1, *tuple(cfg.preprocess.spatial_size))
+    cache = build_shard_cache(ray.train.get_dataset_shard("train").iter_batches(batch_size=64, batch_format="numpy"),
+                              loop_config["owner"], rank, expected, worker_cache_root())
+    labels = tuple(raw.config.finding_labels) if cfg.finding_loss_weight > 0 else ()
+    y_all, groups_all = _finding_targets(cache, labels, cfg.group_same_findings)
+    feats_all = text_features(raw, list(cache.report)) if cfg.freeze_text else None
 
     model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"find_unused_parameters": False})
     optimizer = torch.optim.AdamW(_param_groups(raw, cfg), betas=(0.9, 0.98), eps=1e-6)
@@ -171,10 +199,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     count_tokens = token_counter(raw.text)
     trainable = [p for p in raw.parameters() if p.requires_grad]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     extra = loop_config["extra"]
     samples, busy = 0, 0.0
+
+    def micro_batch(idx: np.ndarray):
+        volumes = np.asarray(cache.volumes[idx], dtype=np.float32)
+        if augment is not None:
+            volumes = np.stack([augment(v) for v in volumes])
+        images = torch.from_numpy(volumes).to(device, non_blocking=True)
+        if feats_all is not None:
+            text = {"text_features": feats_all[idx].to(device)}
+        else:
+            reports = [truncate_report(str(r), count_tokens, raw.text.config.max_length) for r in cache.report[idx]]
+            tokens = raw.text.tokenize(reports)
+            text = {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
+        return images, text
 
     def save_and_report(metrics: dict[str, Any], epoch_done: bool) -> None:
         # Every rank writes its own RNG file; Ray Train merges the ranks' files into one checkpoint.
@@ -188,73 +228,76 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{step:08d}{'_epoch' if epoch_done else ''}")
 
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        epoch_end = (epoch + 1) * steps_per_epoch
-        # Micro-batches of this epoch already covered by the checkpoint we resumed from.
-        skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
-        micro, loss_sum, loss_n = 0, 0.0, 0
-        t0 = time.perf_counter()
-        batches = train_shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed * 7919 + epoch)
-        for batch in batches:
-            if step >= epoch_end:
-                break
-            if skip > 0:
-                skip -= 1
-                continue
-            images, ids, mask = _to_tensors(batch, raw, count_tokens, augment, device)
-            last_micro = (micro + 1) % cfg.grad_accum == 0
-            sync = nullcontext() if (last_micro or world == 1) else model.no_sync()
-            with sync:
-                with autocast:
-                    img, txt = model(images, ids, mask)
-                loss = raw.loss(img.float(), txt.float())
-                (loss / cfg.grad_accum).backward()
-            micro += 1
-            samples += len(images)
-            loss_sum += float(loss.detach())
-            loss_n += 1
-            if not last_micro:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_loss = _mean_over_ranks(loss_sum / loss_n, world)
-            loss_sum, loss_n = 0.0, 0
-            history.append({"kind": "step", "step": step, "epoch": epoch + 1, "loss": step_loss,
-                            "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                            "t_prime": float(raw.t_prime.detach()), "bias": float(raw.bias.detach())})
-            crash = cfg.crash_once
-            if crash and rank == crash["rank"] and step == crash["step"] and not Path(crash["marker"]).exists():
-                Path(crash["marker"]).write_text(f"crashed at step {step}\n")
-                os._exit(1)  # a hard worker death, as a node loss would be: no cleanup, no report
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < epoch_end:
-                busy += time.perf_counter() - t0
-                save_and_report({"step": step, "epoch": epoch + 1, "loss": step_loss}, epoch_done=False)
-                t0 = time.perf_counter()
-        busy += time.perf_counter() - t0
-        if step < epoch_end:
-            raise RuntimeError(f"rank {rank}: the data shard ran out at step {step} of epoch {epoch + 1} "
-                               f"(expected {steps_per_epoch} steps per epoch)")
+    micro_per_epoch = steps_per_epoch * cfg.grad_accum
+    try:
+        for epoch in range(step // steps_per_epoch, cfg.epochs):
+            epoch_end = (epoch + 1) * steps_per_epoch
+            order = cache.epoch_order(cfg.seed * 1000 + rank, epoch)
+            # Micro-batches of this epoch already covered by the checkpoint we resumed from.
+            first = (step - epoch * steps_per_epoch) * cfg.grad_accum
+            micro, loss_sum, loss_n, aux_sum = 0, 0.0, 0, 0.0
+            t0 = time.perf_counter()
+            for m in range(first, micro_per_epoch):
+                idx = order[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+                images, text = micro_batch(idx)
+                last_micro = (micro + 1) % cfg.grad_accum == 0
+                sync = nullcontext() if (last_micro or world == 1) else model.no_sync()
+                with sync:
+                    with autocast:
+                        out = model(images, **text, with_findings=bool(labels))
+                    img, txt = out[0].float(), out[1].float()
+                    loss = raw.loss(img, txt, groups=None if groups_all is None else groups_all[idx].to(device))
+                    if labels:
+                        aux = F.binary_cross_entropy_with_logits(out[2].float(), y_all[idx].to(device))
+                        aux_sum += float(aux.detach())
+                        loss = loss + cfg.finding_loss_weight * aux
+                    (loss / cfg.grad_accum).backward()
+                micro += 1
+                samples += len(images)
+                loss_sum += float(loss.detach())
+                loss_n += 1
+                if not last_micro:
+                    continue
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_loss = _mean_over_ranks(loss_sum / loss_n, world)
+                record = {"kind": "step", "step": step, "epoch": epoch + 1, "loss": step_loss,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "t_prime": float(raw.t_prime.detach()), "bias": float(raw.bias.detach())}
+                if labels:
+                    record["finding_loss"] = aux_sum / loss_n
+                history.append(record)
+                loss_sum, loss_n, aux_sum = 0.0, 0, 0.0
+                crash = cfg.crash_once
+                if crash and rank == crash["rank"] and step == crash["step"] and not Path(crash["marker"]).exists():
+                    Path(crash["marker"]).write_text(f"crashed at step {step}\n")
+                    os._exit(1)  # a hard worker death, as a node loss would be: no cleanup, no report
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < epoch_end:
+                    busy += time.perf_counter() - t0
+                    save_and_report({"step": step, "epoch": epoch + 1, "loss": step_loss}, epoch_done=False)
+                    t0 = time.perf_counter()
+            busy += time.perf_counter() - t0
 
-        record: dict[str, Any] = {"kind": "epoch", "step": step, "epoch": epoch + 1,
-                                  "samples_per_s_per_worker": samples / busy if busy else None}
-        if rank == 0:
-            epoch_losses = [h["loss"] for h in history if h["kind"] == "step" and h["epoch"] == epoch + 1]
-            record["loss"] = float(np.mean(epoch_losses)) if epoch_losses else None
-            emb = embed_pairs(raw, eval_shard.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"),
-                              device)
-            result = score_embeddings(raw, emb, cfg.eval_ns)
-            record.update(headline(result))
-            record["eval"] = result
-            if resumed_from is not None:
-                record["resumed_from_step"] = resumed_from
-            history.append(record)
-            log.info("epoch %d: %s", epoch + 1, json.dumps({k: v for k, v in record.items() if k != "eval"}))
-        raw.train()
-        if cfg.freeze_text:
-            raw.text.eval()
-        save_and_report({k: v for k, v in record.items() if k != "eval"}, epoch_done=True)
+            record: dict[str, Any] = {"kind": "epoch", "step": step, "epoch": epoch + 1,
+                                      "samples_per_s_per_worker": samples / busy if busy else None}
+            if rank == 0:
+                epoch_losses = [h["loss"] for h in history if h["kind"] == "step" and h["epoch"] == epoch + 1]
+                record["loss"] = float(np.mean(epoch_losses)) if epoch_losses else None
+                emb = embed_pairs(raw, eval_shard.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"),
+                                  device)
+                result = score_embeddings(raw, emb, cfg.eval_ns)
+                record.update(headline(result))
+                record["eval"] = result
+                if resumed_from is not None:
+                    record["resumed_from_step"] = resumed_from
+                history.append(record)
+                log.info("epoch %d: %s", epoch + 1, json.dumps({k: v for k, v in record.items() if k != "eval"}))
+            raw.train()
+            if cfg.freeze_text:
+                raw.text.eval()
+            save_and_report({k: v for k, v in record.items() if k != "eval"}, epoch_done=True)
+    finally:
+        cache.close()

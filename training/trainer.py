@@ -25,8 +25,8 @@ class TrainResult:
 
 
 def _steps_per_epoch(n_train: int, cfg: ClipTrainConfig) -> int:
-    # Ray Data splits the training set equally between workers, dropping the remainder, and each
-    # worker drops its last partial micro-batch; every rank therefore sees the same step count.
+    # Studies go to ranks round-robin (shares differ by one at most) and each rank drops its last
+    # partial micro-batch; every rank therefore takes the same number of steps.
     steps = (n_train // cfg.workers) // (cfg.batch_size * cfg.grad_accum)
     if steps < 1:
         raise ValueError(
@@ -66,6 +66,7 @@ def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:
     from voxsearch.training.data import load_catalog, preprocessed_dataset, split_dataset, split_rows
     from voxsearch.training.integrity import check_split, require_clean
     from voxsearch.training.loop import MODEL_DIR, train_loop
+    from voxsearch.training.shard_cache import assign_ranks
     from voxsearch.training.metrics_log import write_metrics
 
     out = cfg.out
@@ -96,8 +97,11 @@ def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:
         if ds.count() == 0:
             raise ValueError(f"no {split} study could be preprocessed; nothing to evaluate on")
     eval_ds, test_ds = held[eval_split], held["test"]
-    n_train = train_ds.count()
+    train_ids = [str(s) for s in train_ds.select_columns(["series_id"]).to_pandas()["series_id"]]
+    n_train = len(train_ids)
     steps_per_epoch = _steps_per_epoch(n_train, cfg)
+    if cfg.finding_loss_weight > 0:
+        _set_finding_labels(cfg, train_rows)
 
     extra = {
         "preprocess": preprocess,
@@ -107,7 +111,8 @@ def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:
     }
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch, "extra": extra},
+        train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch, "extra": extra,
+                           "owner": assign_ranks(train_ids, cfg.workers)},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
@@ -120,7 +125,9 @@ def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": train_ds, "eval": eval_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Not split by Ray: each rank reads the set once and keeps the studies the driver assigned it,
+        # so the same seed gives the same run (Ray's streaming split varies the order between runs).
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     log.info("training: %d studies, %d workers, %d steps/epoch x %d epochs", n_train, cfg.workers,
              steps_per_epoch, cfg.epochs)
@@ -154,6 +161,23 @@ def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:
     write_metrics(out, metrics)
     log.info("model written to %s; metrics in %s", model_dir, out / "metrics.json")
     return TrainResult(checkpoint_dir=model_dir, metrics=metrics)
+
+
+def _set_finding_labels(cfg: ClipTrainConfig, train_rows) -> None:
+    """The finding-loss vocabulary, fixed on the driver so every rank and the checkpoint agree."""
+    import dataclasses
+
+    from voxsearch.training.finding_labels import FindingLabeler
+
+    labeler = FindingLabeler.from_rows(train_rows.select(
+        [c for c in ("findings", "report") if c in train_rows.column_names]).to_pylist(), cfg.finding_min_count)
+    if not labeler.labels:
+        log.warning("no finding occurs in %d training studies (ground truth or report text): "
+                    "training without the finding loss", cfg.finding_min_count)
+        cfg.finding_loss_weight = 0.0
+        return
+    log.info("finding loss over %d labels: %s", len(labeler.labels), ", ".join(labeler.labels))
+    cfg.model = dataclasses.replace(cfg.model, finding_labels=labeler.labels)
 
 
 def _final_evaluation(cfg: ClipTrainConfig, model_dir: Path, table, test_ds) -> dict[str, Any]:

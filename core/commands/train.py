@@ -56,6 +56,12 @@ def _register_clip(stages) -> None:
     p.add_argument("--embed-dim", type=int)
     p.add_argument("--image-size", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="model input size; also the preprocessing spatial size")
+    p.add_argument("--finding-loss-weight", type=float,
+                   help="weight of the auxiliary finding-label loss (0: off; quick preset: 1)")
+    p.add_argument("--group-same-findings", action=argparse.BooleanOptionalAction, default=None,
+                   help="treat pairs whose studies show the same findings as non-negatives (default: on)")
+    p.add_argument("--input-filter", type=int,
+                   help="box pre-filter size before the DCFormer stem (odd; 0: the published encoder)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-train-studies", type=int, help="use only the first N train studies")
     p.add_argument("--checkpoint-every", type=int, help="optimiser steps between mid-epoch checkpoints")
@@ -68,7 +74,7 @@ def _register_clip(stages) -> None:
 
 _SIMPLE = ("workers", "gpus_per_worker", "cpus_per_worker", "epochs", "batch_size", "grad_accum", "lr",
            "text_lr", "warmup_steps", "grad_clip", "freeze_text", "init", "init_text_dir", "seed",
-           "max_train_studies", "checkpoint_every", "ray_address")
+           "max_train_studies", "checkpoint_every", "ray_address", "finding_loss_weight", "group_same_findings")
 
 
 def build_config(args):
@@ -85,6 +91,8 @@ def build_config(args):
         model_changes["vision_variant"] = args.vision_variant
     if args.embed_dim:
         model_changes["embed_dim"] = args.embed_dim
+    if args.input_filter is not None:
+        model_changes["input_filter"] = args.input_filter
     if args.image_size:
         model_changes["image_size"] = tuple(args.image_size)
         cfg.preprocess = dataclasses.replace(cfg.preprocess, spatial_size=tuple(args.image_size))

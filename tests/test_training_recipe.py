@@ -1,0 +1,98 @@
+"""The pieces of the training recipe that decide what the model can learn: augmentation that keeps
+sides, finding labels from ground truth or report text, same-findings groups, a fixed data order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from voxsearch.training.augment import VolumeAugment
+from voxsearch.training.finding_labels import FindingLabeler, group_ids
+from voxsearch.training.shard_cache import assign_ranks, build_shard_cache
+
+
+def test_augmentation_keeps_patient_right_on_the_right():
+    # W runs patient right -> left: a marker in the right half must stay there in every sample.
+    volume = np.full((1, 16, 32, 32), 0.3, dtype=np.float32)
+    volume[0, 6:10, 12:20, 4:10] = 0.9
+    augment = VolumeAugment(seed=3)
+    for _ in range(40):
+        out = augment(volume)
+        assert out.shape == volume.shape and out.dtype == np.float32
+        assert 0.0 <= out.min() and out.max() <= 1.0
+        columns = out[0, 6:10, 12:20].mean(axis=(0, 1))
+        assert columns[:16].max() > columns[16:].max() + 0.1
+        rows = out[0, 6:10, :, 4:10].mean(axis=(0, 2))  # and anterior stays anterior
+        assert rows[8:24].max() > rows[:4].max() + 0.1
+
+
+def test_augmentation_is_seeded_and_resumable():
+    volume = np.random.default_rng(0).random((1, 8, 16, 16)).astype(np.float32)
+    a, b = VolumeAugment(seed=5), VolumeAugment(seed=5)
+    assert np.array_equal(a(volume), b(volume))
+    state = a.state()
+    expected = a(volume)
+    assert not np.array_equal(expected, a(volume))  # the stream moves on
+    a.set_state(json.loads(json.dumps(state)))  # survives a checkpoint round trip
+    assert np.array_equal(a(volume), expected)
+
+
+ROWS = [
+    {"findings": json.dumps([{"type": "metastasis", "organ": "liver", "side": None}]), "report": "",
+     "modality": "CT", "body_part": "abdomen"},
+    {"findings": "[]", "report": "There is a liver cyst.", "modality": "CT", "body_part": "abdomen"},
+    {"findings": None, "report": "Two cysts in the liver. No renal mass, cyst or stone.", "modality": "CT",
+     "body_part": "abdomen"},
+    {"findings": None, "report": "The spleen is normal. No focal liver lesion.", "modality": "CT",
+     "body_part": "abdomen"},
+    {"findings": "[]", "report": "Normal study.", "modality": "CT", "body_part": "abdomen"},
+    {"findings": "[]", "report": "Normal study.", "modality": "CT", "body_part": "head"},
+]
+
+
+def test_labels_come_from_ground_truth_else_from_the_report_with_negations():
+    labeler = FindingLabeler.from_rows(ROWS, min_count=1)
+    assert labeler.labels == ("cyst|liver", "metastasis|liver")
+    vectors = [dict(zip(labeler.labels, labeler.vector(r))) for r in ROWS]
+    assert vectors[0] == {"cyst|liver": 0.0, "metastasis|liver": 1.0}
+    assert vectors[1] == {"cyst|liver": 0.0, "metastasis|liver": 0.0}  # ground truth "[]" wins over text
+    assert vectors[2] == {"cyst|liver": 1.0, "metastasis|liver": 0.0}  # "No renal ... cyst" is negated
+    assert not any(vectors[3].values())
+    assert FindingLabeler.from_rows(ROWS, min_count=2).labels == ()
+
+
+def test_same_findings_groups_join_normal_studies_of_one_body_part_only():
+    labeler = FindingLabeler(("cyst|liver",))
+    ids = group_ids([labeler.group_key(r) for r in ROWS])
+    assert ids[3] == ids[4] != ids[5]  # two normal abdomens; a normal head is another group
+    assert len({ids[0], ids[2], ids[3]}) == 3
+
+
+def test_each_rank_caches_its_studies_in_a_fixed_order_whatever_order_blocks_arrive(tmp_path):
+    ids = [f"s{i:02d}" for i in range(11)]
+    owner = assign_ranks(reversed(ids), world=2)
+    assert [owner[s] for s in ids] == [i % 2 for i in range(11)]
+
+    def batches(order):
+        for chunk in np.array_split(np.array(order), 3):
+            yield {"series_id": chunk, "report": np.array([f"report {s}" for s in chunk], dtype=object),
+                   "findings": np.array(["[]"] * len(chunk), dtype=object),
+                   "volume": np.stack([np.full((1, 2, 2, 2), int(s[1:]), np.float16) for s in chunk])}
+
+    rng = np.random.default_rng(0)
+    first = build_shard_cache(batches(ids), owner, 1, (1, 2, 2, 2), str(tmp_path))
+    second = build_shard_cache(batches(list(rng.permutation(ids))), owner, 1, (1, 2, 2, 2), str(tmp_path))
+    try:
+        assert list(first.series_id) == list(second.series_id) == ids[1::2]
+        assert np.array_equal(first.volumes, second.volumes)
+        assert [int(v) for v in first.volumes[:, 0, 0, 0, 0]] == [1, 3, 5, 7, 9]
+        assert first.report[2] == "report s05"
+        assert np.array_equal(first.epoch_order(0, 3), second.epoch_order(0, 3))
+        assert not np.array_equal(first.epoch_order(0, 3), first.epoch_order(0, 4))
+    finally:
+        first.close()
+        second.close()
+    with pytest.raises(RuntimeError, match="never arrived"):
+        build_shard_cache(batches(ids[:5]), owner, 1, (1, 2, 2, 2), str(tmp_path))
