@@ -156,6 +156,47 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> Clip
     return model.to(device).eval()
 
 
+class FindingHead:
+    """A checkpoint's finding read-out as plain arrays: probabilities from stored embeddings without
+    loading the model (the search front end holds it)."""
+
+    def __init__(self, labels, weight, bias):
+        import numpy as np
+
+        self.labels = tuple(labels)
+        self.weight = np.asarray(weight, dtype=np.float32)
+        self.bias = np.asarray(bias, dtype=np.float32)
+
+    def probabilities(self, vectors):
+        import numpy as np
+
+        logits = np.asarray(vectors, dtype=np.float32) @ self.weight.T + self.bias
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def describe(self, vector, threshold: float = 0.5, limit: int = 5) -> list[dict]:
+        """The likely findings of one study, most probable first: [{"finding", "label", "probability"}]."""
+        probs = self.probabilities(vector[None])[0]
+        order = [int(i) for i in probs.argsort()[::-1] if probs[i] >= threshold][:limit]
+        out = []
+        for i in order:
+            kind, _, organ = self.labels[i].partition("|")
+            out.append({"finding": f"{kind} in the {organ}" if organ else kind, "label": self.labels[i],
+                        "probability": round(float(probs[i]), 3)})
+        return out
+
+
+def read_finding_head(directory: str | Path) -> FindingHead | None:
+    """The checkpoint's finding head, or None when it was trained without finding labels."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    labels = read_clip_meta(directory)["clip_config"].get("finding_labels") or []
+    if not labels:
+        return None
+    with safe_open(str(directory / WEIGHTS), framework="np") as f:
+        return FindingHead(labels, f.get_tensor("finding_head.weight"), f.get_tensor("finding_head.bias"))
+
+
 def model_id(directory: str | Path) -> str:
     """Short stable id of a checkpoint: hash of its config.json and its weights file's digest."""
     directory = Path(directory)

@@ -101,6 +101,35 @@ class ClipModel(nn.Module):
         """Probabilities (B, len(config.finding_labels)) from image embeddings."""
         return torch.sigmoid(self.finding_logits(img_emb))
 
+    def query_labels(self, text: str) -> list[str]:
+        """The head's labels that ``text`` asserts (negation-aware; a type without an organ means every
+        organ the head knows it in)."""
+        from .finding_text import FindingMatcher
+
+        if self.finding_head is None:
+            return []
+        if not hasattr(self, "_matcher"):
+            self._matcher = FindingMatcher.default()
+        named = self._matcher.extract(text)
+        return [label for label in self.config.finding_labels
+                if any(label.split("|", 1)[0] == kind and (organ is None or label.split("|", 1)[1] == organ)
+                       for kind, organ in named)]
+
+    def encode_query(self, texts: list[str], finding_weight: float = 1.0) -> torch.Tensor:
+        """Search-query embeddings: the text embedding plus, for each finding the query names, the finding
+        head's direction for it. Inner product with an image embedding then adds the head's evidence for
+        that finding, so the index still ranks by one dot product. Equals encode_text without a head."""
+        txt = self.encode_text(texts)
+        if self.finding_head is None or finding_weight == 0:
+            return txt
+        index = {label: i for i, label in enumerate(self.config.finding_labels)}
+        directions = F.normalize(self.finding_head.weight.detach(), dim=-1).to(txt.dtype)
+        boost = torch.zeros_like(txt)
+        for row, text in enumerate(texts):
+            for label in self.query_labels(text):
+                boost[row] += directions[index[label]]
+        return F.normalize(txt + finding_weight * boost, dim=-1)
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         enc = self.text.tokenize(texts)
         return self.encode_text_tokens(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))

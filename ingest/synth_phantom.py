@@ -111,8 +111,10 @@ def _tissue(modality: str, name: str, phase: str) -> float:
     return MR[name]
 
 
-def render(rng: np.random.Generator, body_part: str, modality: str, phase: str, findings: list[dict], size: str):
-    """(array (X,Y,Z) float32 in RAS order: HU for CT, T1 units for MR; RAS affine)."""
+def render(rng: np.random.Generator, body_part: str, modality: str, phase: str, findings: list[dict], size: str,
+           noise: bool = True):
+    """(array (X,Y,Z) float32 in RAS order: HU for CT, T1 units for MR; RAS affine). ``noise=False`` gives
+    the noiseless object (a rescan bench adds motion and its own noise with ``add_noise``)."""
     shape, spacing = grid_for(rng, body_part, size)
     t = lambda name: _tissue(modality, name, phase)  # noqa: E731
     cv = Canvas(shape, spacing, fill=t("air"))
@@ -143,8 +145,14 @@ def render(rng: np.random.Generator, body_part: str, modality: str, phase: str, 
     host_mask_cache: dict = {}
     for finding in findings:
         _draw_lesions(rng, cv, finding, layout[finding["organ"]], modality, t(finding["organ"]), host_mask_cache)
-    _add_noise(rng, cv.array, modality)
+    if noise:
+        _add_noise(rng, cv.array, modality)
     return cv.array, cv.affine
+
+
+def add_noise(rng: np.random.Generator, array: np.ndarray, modality: str) -> None:
+    """The scanner noise (and, for MR, coil bias field) of ``render``, in place."""
+    _add_noise(rng, array, modality)
 
 
 def _lesion_value(modality: str, kind: str, organ: str, host: float) -> float:

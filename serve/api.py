@@ -185,7 +185,7 @@ def _stream_text(pieces, method: str) -> StreamingResponse:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: ServeConfig, text_encoder, image_encoder, searcher, studies, reporter):
-        from voxsearch.encoders import read_clip_meta
+        from voxsearch.encoders import read_clip_meta, read_finding_head
         from voxsearch.ingest import PreprocessConfig
 
         self.config = config
@@ -198,7 +198,8 @@ class Ingress:
         _Runtime.keys = KeyChecker(config.resolved_api_keys(), config.keys_required())
         _Runtime.limits = config.limits
         meta = read_clip_meta(config.checkpoint)
-        image_size = tuple(meta.get("config", {}).get("image_size") or ())
+        self.finding_head = read_finding_head(config.checkpoint)
+        image_size = tuple(meta.get("clip_config", {}).get("image_size") or ())
         stored = (meta.get("extra") or {}).get("preprocess")
         self.preprocess = PreprocessConfig.from_dict(stored) if stored else PreprocessConfig(spatial_size=image_size)
         if image_size and tuple(self.preprocess.spatial_size) != image_size:
@@ -270,6 +271,7 @@ class Ingress:
     async def _results(self, hits: list[dict], exclude: str | None, k: int) -> list[dict]:
         hits = [h for h in hits if h["id"] != exclude][:k]
         described = await self._call(self.studies.describe_many.remote([h["id"] for h in hits]))
+        predicted = await self._predicted([h["id"] for h in hits])
         results = []
         for rank, hit in enumerate(hits, 1):
             known = described.get(hit["id"])
@@ -283,8 +285,16 @@ class Ingress:
                 # catalog): say so instead of handing out links that 404.
                 "thumbnails": _thumbs(hit["id"]) if known else None,
                 "url": f"/api/v1/studies/{quote(hit['id'], safe='')}" if known else None,
+                "predicted_findings": predicted.get(hit["id"]),
             })
         return results
+
+    async def _predicted(self, ids: list[str]) -> dict[str, list[dict] | None]:
+        """The finding head's reading of each indexed study's stored vector (empty without a head)."""
+        if self.finding_head is None or not ids:
+            return {}
+        vectors = await self._call(self.searcher.vectors.remote(ids))
+        return {i: self.finding_head.describe(v) for i, v in vectors.items() if v is not None}
 
     async def _search(self, vector: np.ndarray, k: int, filters: dict, exclude: str | None = None):
         extra = 1 if exclude else 0
@@ -378,11 +388,11 @@ class Ingress:
             raise HTTPException(422, f"query has {len(query)} characters, over the limit of {self.limits.max_query_chars}")
         k = self._k(body.k)
         filters = self._filters(body.filters.model_dump(exclude_none=True) if body.filters else None)
-        vector = await self._call(self.text.encode.remote(query))
+        vector, query_findings = await self._call(self.text.encode_query.remote(query))
         results = await self._search(vector, k, filters)
         info = await self._index_info()
         return {"results": results, "index_version": info["version"], "took_ms": (time.perf_counter() - started) * 1e3,
-                "query": {"text": query, "k": k, "filters": filters}}
+                "query": {"text": query, "k": k, "filters": filters, "findings": query_findings}}
 
     @app.post("/api/v1/search/scan", response_model=SearchResponse, responses=ERRORS, tags=["search"])
     async def search_scan(
@@ -429,8 +439,9 @@ class Ingress:
         report = found.pop("report", None)
         found.pop("report_excerpt", None)
         found.pop("series_id", None)
+        predicted = await self._predicted([series_id])
         return {"series_id": series_id, "metadata": found, "report": report, "slices": slices,
-                "thumbnails": _thumbs(series_id)}
+                "thumbnails": _thumbs(series_id), "predicted_findings": predicted.get(series_id)}
 
     async def _png(self, series_id: str, plane: str, index: int | None, window: str | None, size: int) -> Response:
         _check_id(series_id)
@@ -508,8 +519,11 @@ class Ingress:
                 embedding = await self._study_vector(sid)
 
         if chosen == "retrieval":
-            draft = await self._call(self.reporter.retrieval.remote(embedding, exclude))
+            detected = self.finding_head.describe(np.asarray(embedding, np.float32)) if self.finding_head else None
+            draft = await self._call(self.reporter.retrieval.remote(embedding, exclude, detected))
             note = "retrieval-based draft: sentences from the reports of the most similar indexed training studies"
+            if detected is not None:
+                note += ", preferring those whose reports state the findings the model detects"
             if stream:
                 return _stream_text([draft["report"]], "retrieval")
             return {**draft, "note": note}

@@ -110,6 +110,9 @@ class ServeConfig:
     index_poll_s: float = 2.0
     # How many reports of nearby training studies a retrieval-based draft reads.
     draft_neighbours: int = 5
+    # How strongly a query's named findings steer text search through the model's finding head
+    # (ClipModel.encode_query); 0 searches by the text embedding alone.
+    finding_query_weight: float = 1.0
     excerpt_chars: int = 240
     # Volumes kept in memory for slice rendering, per study-store replica.
     volume_cache: int = 8

@@ -40,6 +40,7 @@ class TextEncoder:
     def __init__(self, config: ServeConfig):
         _torch_threads(config.deployments.text_encoder.torch_threads)
         self.model = _load_clip(config.checkpoint)
+        self.finding_weight = config.finding_query_weight
         self.encode.set_max_batch_size(config.batching.max_batch_size)
         self.encode.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)
 
@@ -47,12 +48,17 @@ class TextEncoder:
         import torch
 
         with torch.inference_mode():
-            return self.model.encode_text(texts).float().cpu().numpy()
+            return self.model.encode_query(texts, self.finding_weight).float().cpu().numpy()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Search-query embeddings (finding-aware where the model has a finding head)."""
         vectors = await asyncio.to_thread(self._run, texts)
         return list(vectors)
+
+    async def encode_query(self, text: str) -> tuple[np.ndarray, list[str]]:
+        """(embedding, the finding labels the query names): the labels say why results rank as they do."""
+        return await self.encode(text), self.model.query_labels(text)
 
     def dim(self) -> int:
         return int(self.model.config.embed_dim)
@@ -217,21 +223,22 @@ class ReportDrafter:
             "methods": ["retrieval", "generate"] if self.model is not None else ["retrieval"],
         }
 
-    async def retrieval(self, embedding: np.ndarray, exclude: list[str]) -> dict:
+    async def retrieval(self, embedding: np.ndarray, exclude: list[str], detected: list[dict] | None = None) -> dict:
         from voxsearch.serve.drafting import Neighbour, compose_draft
 
-        k = self.neighbours + len(exclude)
+        # With detected findings, look further for neighbours whose reports state them.
+        k = self.neighbours * (4 if detected is not None else 1) + len(exclude)
         query = np.asarray(embedding, dtype=np.float32)[None, :]
         try:
             hits = (await self.searcher.search.remote(query, k, {"split": "train"}))[0]
         except Exception as exc:  # noqa: BLE001 - indexes built without a split column cannot filter on it
             log.info("searching training studies by split failed (%s); drafting from all studies", exc)
             hits = (await self.searcher.search.remote(query, k, None))[0]
-        hits = [h for h in hits if h["id"] not in exclude][: self.neighbours]
+        hits = [h for h in hits if h["id"] not in exclude][: k - len(exclude)]
         reports = await self.studies.reports.remote([h["id"] for h in hits])
         neighbours = [Neighbour(h["id"], h["score"], reports.get(h["id"]) or "") for h in hits]
-        draft = compose_draft(neighbours)
-        return {"method": draft.method, "report": draft.text, "sources": draft.sources}
+        draft = compose_draft(neighbours, detected=detected, max_neighbours=self.neighbours)
+        return {"method": draft.method, "report": draft.text, "sources": draft.sources, "detected": detected}
 
     def _image(self, volume: np.ndarray):
         import torch

@@ -3,6 +3,10 @@
 Used when no report model is configured. The draft is built from sentences of real reports of the most
 similar training studies, ranked by how much similarity-weighted support each sentence has among them,
 in the order the closest report uses. It says so in its first line: it is not generated from the image.
+
+Detect, then retrieve, then write: when the model's finding head reads findings off the scan, the
+neighbours whose reports state exactly those findings are preferred over merely similar-looking ones,
+and the draft lists what was detected, with probabilities.
 """
 
 from __future__ import annotations
@@ -40,9 +44,28 @@ def retrieval_header(n: int) -> str:
             "studies, not generated from this scan by a report model. Review before use.]")
 
 
-def compose_draft(neighbours: list[Neighbour], max_sentences: int = 8) -> Draft:
-    """Sentences with the most weighted support among neighbours, ordered as the nearest report orders them."""
+def _agreement(report: str, detected: set[str], matcher) -> float:
+    """Jaccard overlap of the findings a report states ("type|organ") with the detected ones."""
+    stated = {f"{kind}|{organ}" for kind, organ in matcher.extract(report) if organ}
+    union = stated | detected
+    return len(stated & detected) / len(union) if union else 1.0
+
+
+def compose_draft(neighbours: list[Neighbour], max_sentences: int = 8, detected: list[dict] | None = None,
+                  max_neighbours: int | None = None) -> Draft:
+    """Sentences with the most weighted support among neighbours, ordered as the nearest report orders them.
+
+    ``detected``: the finding head's reading of the scan ([{"finding", "label", "probability"}], may be
+    empty = nothing detected); neighbours are then re-ranked by how well their reports agree with it."""
     usable = [n for n in neighbours if n.report and n.report.strip()]
+    if detected is not None and usable:
+        from voxsearch.encoders.finding_text import FindingMatcher
+
+        matcher = FindingMatcher.default()
+        labels = {d["label"] for d in detected}
+        usable.sort(key=lambda n: -_agreement(n.report, labels, matcher))  # stable: similarity breaks ties
+    if max_neighbours is not None:
+        usable = usable[:max_neighbours]
     if not usable:
         return Draft(
             text="[No draft: none of the most similar indexed training studies has a report.]",
@@ -70,8 +93,12 @@ def compose_draft(neighbours: list[Neighbour], max_sentences: int = 8) -> Draft:
     chosen.sort(key=lambda k: -support[k])
     chosen = sorted(chosen[:max_sentences], key=lambda k: order[k])
     body = " ".join(first_text[k] for k in chosen)
+    header = retrieval_header(len(usable))
+    if detected is not None:
+        seen = ", ".join(f"{d['finding']} ({d['probability']:.0%})" for d in detected) or "none"
+        header += f"\n[Findings the model detects in this scan: {seen}.]"
     return Draft(
-        text=f"{retrieval_header(len(usable))}\n{body}",
+        text=f"{header}\n{body}",
         method="retrieval",
         sources=[{"series_id": n.series_id, "score": round(n.score, 4)} for n in usable],
     )

@@ -30,6 +30,12 @@ class Thumbnails(BaseModel):
     sagittal: str
 
 
+class PredictedFinding(BaseModel):
+    finding: str = Field(..., description='e.g. "metastasis in the liver"')
+    label: str = Field(..., description='the model\'s label, "type|organ"')
+    probability: float
+
+
 class StudyHit(BaseModel):
     rank: int
     series_id: str
@@ -38,6 +44,9 @@ class StudyHit(BaseModel):
     metadata: dict[str, Any]
     thumbnails: Thumbnails | None = Field(..., description="null when this server holds no pixels for the id")
     url: str | None = Field(..., description="the study's API resource; null when this server does not know the study")
+    predicted_findings: list[PredictedFinding] | None = Field(
+        None, description="what the model sees in this scan (probability >= 0.5); null when the model has no "
+                          "finding head")
 
 
 class SearchResponse(BaseModel):
@@ -53,6 +62,7 @@ class StudyResponse(BaseModel):
     report: str | None
     slices: dict[str, int] = Field(..., description="number of slices per plane")
     thumbnails: Thumbnails
+    predicted_findings: list[PredictedFinding] | None = None
 
 
 class ReportResponse(BaseModel):
@@ -60,6 +70,8 @@ class ReportResponse(BaseModel):
     report: str
     sources: list[dict[str, Any]] = Field(default_factory=list,
                                           description="studies a retrieval-based draft was composed from")
+    detected: list[PredictedFinding] | None = Field(
+        None, description="findings the model's finding head reads off the scan (retrieval drafts)")
     note: str
 
 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from voxsearch.training.report_findings import FindingMatcher, finding_scores, truth_of
+from voxsearch.encoders.finding_text import FindingMatcher
+from voxsearch.training.report_findings import finding_scores, truth_of
 from voxsearch.training.report_metrics import (
     closed_answer_correct,
     closed_vqa_accuracy,

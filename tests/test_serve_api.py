@@ -101,7 +101,9 @@ def served(ray_session, tiny_catalog, tmp_path_factory):
     pp = PreprocessConfig(spatial_size=SIZE)
     torch.manual_seed(0)
     model = ClipModel(ClipConfig(vision_variant="nano", embed_dim=32, text=TextTowerConfig(max_length=32),
-                                 image_size=SIZE))
+                                 image_size=SIZE, finding_labels=("metastasis|liver", "cyst|kidney")))
+    with torch.no_grad():  # a bias that makes some predictions cross 0.5 whatever the random weights
+        model.finding_head.bias.copy_(torch.tensor([4.0, -4.0]))
     save_clip(model, root / "ckpt", extra={"preprocess": pp.to_dict()})
     model = load_clip(root / "ckpt").prepare_for_inference()  # exactly what the replicas load
     rows = read_catalog(tiny_catalog).to_pylist()
@@ -222,7 +224,7 @@ def test_text_search_matches_in_process_ranking(served):
     body = c.post("/api/v1/search/text", json={"query": query, "k": 5}).json()
     assert len(body["results"]) == 5
     with torch.inference_mode():
-        q = served["model"].encode_text([query]).numpy()
+        q = served["model"].encode_query([query]).numpy()
     expected = VectorIndex.load(served["root"] / "index").search(q, k=5)[0]
     assert [r["series_id"] for r in body["results"]] == [h.id for h in expected]
     assert np.allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=1e-4)
@@ -231,6 +233,34 @@ def test_text_search_matches_in_process_ranking(served):
     forbidden = {"patient_key", "source_path", "content_sha256", "study_date"}
     for hit in body["results"]:
         assert not forbidden & set(hit["metadata"])
+    assert body["query"]["findings"] == []
+
+
+def test_text_search_steers_by_named_findings_and_shows_predictions(served):
+    import torch
+
+    from voxsearch.encoders import read_finding_head
+    from voxsearch.index import VectorIndex
+
+    c = served["client"]
+    body = c.post("/api/v1/search/text", json={"query": "liver metastases", "k": 6}).json()
+    assert body["query"]["findings"] == ["metastasis|liver"]
+    model = served["model"]
+    with torch.inference_mode():
+        q = model.encode_query(["liver metastases"]).numpy()
+        plain = model.encode_text(["liver metastases"]).numpy()
+    assert not np.allclose(q, plain)  # the finding head's direction was added
+    index = VectorIndex.load(served["root"] / "index")
+    assert [r["series_id"] for r in body["results"]] == [h.id for h in index.search(q, k=6)[0]]
+    head = read_finding_head(served["root"] / "ckpt")
+    for hit in body["results"]:
+        probs = head.probabilities(index.vector(hit["series_id"])[None])[0]
+        shown = {f["label"]: f["probability"] for f in hit["predicted_findings"]}
+        assert set(shown) == {label for label, p in zip(head.labels, probs) if p >= 0.5}
+        assert all(abs(shown[label] - p) < 1e-3 for label, p in zip(head.labels, probs) if label in shown)
+    assert any(hit["predicted_findings"] for hit in body["results"])
+    study = c.get(f"/api/v1/studies/{body['results'][0]['series_id']}").json()
+    assert study["predicted_findings"] == body["results"][0]["predicted_findings"]
 
 
 def test_text_search_filters(served):

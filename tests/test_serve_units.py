@@ -260,6 +260,24 @@ def test_retrieval_draft_prefers_agreement_and_says_what_it_is():
     assert "No draft" in empty.text and empty.sources[0]["series_id"] == "x"
 
 
+def test_retrieval_draft_starts_from_detected_findings():
+    neighbours = [  # the most similar-looking neighbours state no or other findings
+        Neighbour("a", 0.95, "The liver is unremarkable. The kidneys are unremarkable."),
+        Neighbour("b", 0.90, "A 12 mm cyst is seen in the right kidney. No focal liver lesion."),
+        Neighbour("c", 0.60, "Three metastases in the liver, the largest 2 cm. The kidneys are unremarkable."),
+        Neighbour("d", 0.55, "There are two metastatic deposits in the hepatic parenchyma. Spleen normal."),
+    ]
+    detected = [{"finding": "metastasis in the liver", "label": "metastasis|liver", "probability": 0.91}]
+    draft = compose_draft(neighbours, detected=detected, max_neighbours=2)
+    assert [s["series_id"] for s in draft.sources] == ["c", "d"]
+    assert "Findings the model detects in this scan: metastasis in the liver (91%)" in draft.text
+    body = draft.text.split("\n", 2)[2]
+    assert "metastases in the liver" in body and "unremarkable. The liver" not in body
+    # Nothing detected: neighbours that state no finding come first.
+    quiet = compose_draft(neighbours, detected=[], max_neighbours=1)
+    assert [s["series_id"] for s in quiet.sources] == ["a"] and "detects in this scan: none" in quiet.text
+
+
 def test_public_metadata_drops_identifiers():
     row = {"series_id": "s1", "study_id": "st", "patient_key": "pk-secret", "source_path": "/data/DOE_JOHN/ct.nii",
            "content_sha256": "abc", "modality": "CT", "study_date": "2021-05-04", "shape": np.array([3, 4, 5]),

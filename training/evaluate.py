@@ -71,9 +71,14 @@ def score_embeddings(model, emb: dict[str, np.ndarray], ns: Sequence[int] = DEFA
         result["recall_abnormal"] = protocol_recall(emb["img"][abnormal], emb["txt"][abnormal], ns)
     queries = finding_queries(findings)
     if queries:
+        texts = [q.text() for q in queries]
         with torch.inference_mode():
-            q_emb = model.encode_text([q.text() for q in queries]).float().cpu().numpy()
-        result["findings"] = finding_precision(emb["img"], q_emb, queries, findings, k=k)
+            q_emb = model.encode_text(texts).float().cpu().numpy()
+            search_emb = model.encode_query(texts).float().cpu().numpy()
+        # "findings": the query embedding the search uses (with the finding head's directions where the
+        # model has one); "findings_text_only": the plain text embedding.
+        result["findings_text_only"] = finding_precision(emb["img"], q_emb, queries, findings, k=k)
+        result["findings"] = finding_precision(emb["img"], search_emb, queries, findings, k=k)
     return result
 
 
@@ -91,6 +96,9 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
         for key, value in result["findings"].items():
             if key.startswith(("P@", "chance_P@")):
                 out[key] = value
+    for key, value in (result.get("findings_text_only") or {}).items():
+        if key.startswith("P@"):
+            out[f"{key}_text_only"] = value
     return out
 
 

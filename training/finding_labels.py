@@ -14,8 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from voxsearch.training.report_findings import ORGAN_SYNONYMS, TYPE_SYNONYMS, FindingMatcher
-from voxsearch.training.report_vqa import FindingVocabulary
+from voxsearch.encoders.finding_text import FindingMatcher
 
 
 def label_name(kind: str, organ: str) -> str:
@@ -47,8 +46,7 @@ class FindingExtractor:
     """Study -> set of (type, organ, side or None): ground truth where present, else the report."""
 
     def __init__(self, matcher: FindingMatcher | None = None):
-        self.matcher = matcher or FindingMatcher.from_vocabulary(
-            FindingVocabulary(sorted(TYPE_SYNONYMS), sorted(ORGAN_SYNONYMS), [], []))
+        self.matcher = matcher or FindingMatcher.default()
 
     def findings(self, row: Mapping) -> set[tuple[str, str, str | None]]:
         truth = _truth(row.get("findings"))

@@ -1,80 +1,16 @@
 """Finding-level scoring of report text against ground-truth findings (the synthetic archive's labels).
 
-A finding is (type, organ). A report states it when one clause names the type and the organ (the organ
-nearest to the type mention) and no negation cue governs the mention in that clause ("no", "without",
-"negative for", ..., or "not seen"/"absent"/"ruled out" after it). Negated findings count as absent.
+Text is read by the shared extractor (voxsearch.encoders.finding_text): negated findings count as absent.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from voxsearch.training.report_vqa import FindingVocabulary, parse_findings
-
-_CLAUSE = re.compile(r"[.;:!?\n]+|,\s*(?:but|however|whereas)\b|\bbut\b|\bhowever\b")
-_PRE_NEGATION = re.compile(
-    r"\b(no|not|without|negative for|free of|absence of|absent|neither|nor|resolved|ruled out for)\b")
-_POST_NEGATION = re.compile(r"\b(not (?:seen|identified|present|detected|visualized|visualised)|absent|ruled out|"
-                            r"excluded|resolved)\b")
-
-
-# Common radiology wordings of finding types and organs (irregular plurals, adjectives, British spelling).
-TYPE_SYNONYMS = {
-    "hemorrhage": ["haemorrhage", "bleed", "hematoma", "haematoma"],
-    "infarct": ["infarction", "ischemic lesion", "ischaemic lesion"],
-    "mass": ["space-occupying lesion"],
-    "metastasis": ["metastases", "metastatic", "secondary deposit"],
-    "nodule": ["nodular opacity"],
-    "cyst": ["cystic lesion"],
-    "stone": ["calculus", "calculi", "nephrolith"],
-}
-ORGAN_SYNONYMS = {
-    "brain": ["hemisphere", "cerebral", "intracranial"],
-    "lung": ["pulmonary"],
-    "liver": ["hepatic"],
-    "spleen": ["splenic"],
-    "kidney": ["renal"],
-}
-
-
-def _surface(forms: list[str]) -> re.Pattern:
-    alternatives = []
-    for form in forms:
-        words = [re.escape(w) for w in form.lower().replace("_", " ").split()]
-        alternatives.append(r"[\s-]+".join(words))
-    # Regular plurals of the last word ("nodules", "masses", "cysts").
-    return re.compile(r"\b(?:" + "|".join(alternatives) + r")(?:s|es)?\b")
-
-
-@dataclass
-class FindingMatcher:
-    types: dict[str, re.Pattern]
-    organs: dict[str, re.Pattern]
-
-    @classmethod
-    def from_vocabulary(cls, vocabulary: FindingVocabulary, type_synonyms: dict | None = None,
-                        organ_synonyms: dict | None = None) -> "FindingMatcher":
-        ts = TYPE_SYNONYMS if type_synonyms is None else type_synonyms
-        os_ = ORGAN_SYNONYMS if organ_synonyms is None else organ_synonyms
-        return cls({t: _surface([t, *ts.get(t, [])]) for t in vocabulary.types},
-                   {o: _surface([o, *os_.get(o, [])]) for o in vocabulary.organs})
-
-    def extract(self, text: str) -> set[tuple[str, str | None]]:
-        """Asserted (type, organ) pairs in ``text``; organ None when its clause names no organ."""
-        found: set[tuple[str, str | None]] = set()
-        for clause in _CLAUSE.split((text or "").lower()):
-            organ_hits = [(m.start(), o) for o, pat in self.organs.items() for m in pat.finditer(clause)]
-            for kind, pat in self.types.items():
-                for m in pat.finditer(clause):
-                    if _PRE_NEGATION.search(clause[: m.start()]) or _POST_NEGATION.search(clause[m.end():]):
-                        continue
-                    organ = min(organ_hits, key=lambda h: abs(h[0] - m.start()))[1] if organ_hits else None
-                    found.add((kind, organ))
-        return found
+from voxsearch.encoders.finding_text import FindingMatcher
+from voxsearch.training.report_vqa import parse_findings
 
 
 def truth_of(row) -> set[tuple[str, str | None]]:

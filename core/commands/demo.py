@@ -6,6 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
+# The packaged model was trained on other seeds' phantoms: the demo's studies are new to it.
+DEMO_SEED = 2026
+
 # Findings the synthetic archive plants (voxsearch.ingest.synth_vocab), phrased as a user would.
 EXAMPLE_QUERIES = (
     "liver metastases",
@@ -19,19 +22,23 @@ EXAMPLE_QUERIES = (
 def register(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="synthetic archive -> ingest -> train (quick) -> embed -> index -> serve, in a few minutes",
+        help="synthetic archive -> ingest -> model -> embed -> index -> serve, in a few minutes",
         description=(
             "Run every stage on a generated archive of phantom CT and MR studies and serve the result on "
             "127.0.0.1. Finished stages are reused on the next run (delete --dir, or pass --fresh, to redo "
-            "them); an existing checkpoint in DIR/checkpoint skips training.\n\n"
+            "them). The model is the packaged one (trained by the project on other phantoms; see "
+            "voxsearch/encoders/pretrained/*/TRAINED.md) unless --train asks for one trained here; an existing "
+            "checkpoint in DIR/checkpoint is used as it is.\n\n"
             "example: voxsearch demo --dir ./voxsearch-demo --port 8000\n"
             "         voxsearch demo --no-serve            # build everything, serve nothing"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dir", default="voxsearch-demo", help="working folder (default ./voxsearch-demo)")
-    p.add_argument("--studies", type=int, default=160, help="synthetic studies to generate (default 160)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the quick preset's)")
+    p.add_argument("--studies", type=int, default=300, help="synthetic studies to generate (default 300)")
+    p.add_argument("--train", action="store_true",
+                   help="train a model on the demo archive (quick preset) instead of using the packaged one")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs with --train (default: the quick preset's)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
     p.add_argument("--no-serve", action="store_true", help="stop after building the index")
@@ -80,7 +87,7 @@ def run(args) -> int:
         from voxsearch.ingest import SynthConfig, generate_archive
 
         with _Stage(1, total, f"generating {args.studies} synthetic studies"):
-            generate_archive(SynthConfig(n=args.studies, seed=0, out=archive))
+            generate_archive(SynthConfig(n=args.studies, seed=DEMO_SEED, out=archive))
 
     from voxsearch.ingest import IngestConfig, read_catalog, run_ingest
 
@@ -93,6 +100,11 @@ def run(args) -> int:
 
     if (checkpoint / "config.json").is_file():
         _skip("[3] checkpoint", checkpoint)
+    elif not args.train:
+        from voxsearch.encoders import packaged_checkpoint
+
+        with _Stage(3, total, "using the packaged model (--train trains one here instead)"):
+            shutil.copytree(packaged_checkpoint(), checkpoint)
     else:
         from voxsearch.training import preset, train_clip
 

@@ -18,6 +18,8 @@ def register(sub):
     p.add_argument("--dicom-share", type=float, default=0.25, help="share of studies written as DICOM series")
     p.add_argument("--m3d-share", type=float, default=0.0, help="share written M3D-style (.npy + M3D_Cap.json)")
     p.add_argument("--bad-files", type=int, default=0, help="planted defective inputs on top of --n")
+    p.add_argument("--split-shares", type=float, nargs=3, metavar=("TRAIN", "VALIDATION", "TEST"),
+                   default=(0.8, 0.1, 0.1), help="patient shares of the three splits (default 0.8 0.1 0.1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
 
@@ -27,7 +29,8 @@ def run(args) -> int:
 
     try:
         cfg = SynthConfig(n=args.n, seed=args.seed, out=args.out, size=args.size, dicom_share=args.dicom_share,
-                          m3d_share=args.m3d_share, bad_files=args.bad_files, overwrite=args.overwrite)
+                          m3d_share=args.m3d_share, bad_files=args.bad_files, overwrite=args.overwrite,
+                          split_shares=tuple(args.split_shares))
         path = generate_archive(cfg)
     except (ValueError, FileExistsError) as exc:
         print(f"voxsearch synth: {exc}")

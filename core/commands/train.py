@@ -24,6 +24,7 @@ def register(sub) -> None:
     stages = p.add_subparsers(dest="train_stage", metavar="STAGE")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     _register_clip(stages)
+    _register_export(stages)
     extend_group(stages, "register_train", skip=__name__)
 
 
@@ -70,6 +71,31 @@ def _register_clip(stages) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run_clip)
+
+
+def _register_export(stages) -> None:
+    p = stages.add_parser(
+        "export", help="copy a CLIP checkpoint, leaving out a frozen packaged text tower (a few MB)",
+        description="Write SRC (a checkpoint directory) to --out. A model trained with the packaged MiniLM text "
+                    "tower frozen is written without it (its weights come from the installed package), which "
+                    "makes it small enough to ship; --with-text keeps the text tower.")
+    p.add_argument("src", type=Path, help="checkpoint directory (e.g. RUN/model)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--with-text", action="store_true", help="keep the text tower's weights in the checkpoint")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from voxsearch.encoders import export_clip
+
+    try:
+        out = export_clip(args.src, args.out, packaged_text=not args.with_text)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+    return 0
 
 
 _SIMPLE = ("workers", "gpus_per_worker", "cpus_per_worker", "epochs", "batch_size", "grad_accum", "lr",

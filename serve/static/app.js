@@ -85,9 +85,22 @@ function card(hit) {
   const excerpt = document.createElement("p");
   excerpt.className = "excerpt";
   excerpt.textContent = hit.report_excerpt || "(no report)";
-  el.append(thumbs, meta, excerpt);
+  el.append(thumbs, meta, predictedTags(hit.predicted_findings), excerpt);
   if (hit.url) el.addEventListener("click", () => openStudy(hit.series_id));
   return el;
+}
+
+// What the model sees in the scan (its finding head), as tags with probabilities.
+function predictedTags(found) {
+  const box = document.createElement("div");
+  box.className = "predicted";
+  if (!found) return box;
+  if (!found.length) {
+    box.innerHTML = '<span class="tag seen">model sees no finding</span>';
+    return box;
+  }
+  box.innerHTML = found.map((f) => `<span class="tag seen" title="model probability">${esc(f.finding)} ${Math.round(f.probability * 100)}%</span>`).join("");
+  return box;
 }
 
 function esc(text) {
@@ -149,6 +162,7 @@ async function openStudy(seriesId) {
       meta.insertAdjacentHTML("beforeend", `<dt>${esc(key)}</dt><dd>${esc(value)}</dd>`);
     }
     $("study-report").textContent = study.report || "(no report)";
+    $("study-predicted").replaceChildren(predictedTags(study.predicted_findings));
     $("draft").hidden = true;
     $("draft").textContent = "";
     setPlane("axial");
