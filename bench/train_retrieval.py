@@ -175,7 +175,7 @@ def train_one(catalog: Path, work: Path, weight: float, spec: dict, seed: int, r
 
     out = reuse or work / f"run-w{weight:g}-{os.getpid()}"
     cfg = preset("quick", catalog, out, epochs=spec["epochs"], seed=seed, eval_ns=(100, 500),
-                 finding_loss_weight=weight)
+                 finding_loss_weight=weight, eval_every=max(1, spec["epochs"] // 6))
     t0 = time.perf_counter()
     if reuse is not None:
         metrics = json.loads((reuse / "metrics.json").read_text())

@@ -44,6 +44,7 @@ class LoraSettings:
 @dataclass
 class ReportModelConfig:
     vision_variant: str = "small"
+    vision_input_filter: int = 0  # the DCFormer pre-filter of the vision tower (taken from a CLIP init)
     # The volume size the projector is built for: it fixes the token counts of the last two stages.
     image_size: tuple[int, int, int] = (128, 256, 256)
     # Local HF causal-LM directory to start from; None = the embedded SmolLM2-135M-Instruct.
@@ -386,7 +387,7 @@ def build_report_model(config: ReportModelConfig, vision: DCFormer | None = None
     tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
     _add_image_tokens(tokenizer, lm, config)
     torch.manual_seed(seed)
-    vision = vision if vision is not None else dcformer(config.vision_variant)
+    vision = vision if vision is not None else dcformer(config.vision_variant, input_filter=config.vision_input_filter)
     projector = MixerProjector(_projector_config(config, vision, _lm_hidden(lm)))
     if config.lora is not None:
         lm = wrap_lora(lm, config.lora)
@@ -457,7 +458,7 @@ def load_report_model(directory: str | os.PathLike, device: str = "cpu") -> Repo
     config = ReportModelConfig.from_dict(meta["config"])
     lm = AutoModelForCausalLM.from_pretrained(str(directory / LM_SUBDIR), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(directory / LM_SUBDIR))
-    vision = dcformer(config.vision_variant)
+    vision = dcformer(config.vision_variant, input_filter=config.vision_input_filter)
     projector = MixerProjector(MixerProjectorConfig.from_dict(meta["projector"]))
     tensors = load_file(str(directory / MM_WEIGHTS))
     for prefix, module in (("vision.", vision), ("projector.", projector)):

@@ -20,6 +20,8 @@ _EXPORTS = {
     "preprocess_volume": "preprocess",
     "SynthConfig": "synth",
     "generate_archive": "synth",
+    "render_study": "synth",
+    "PhantomStudy": "synth",
     "IngestConfig": "pipeline",
     "IngestSummary": "pipeline",
     "run_ingest": "pipeline",

@@ -78,14 +78,36 @@ def _patients(cfg: SynthConfig) -> tuple[list[int], dict[int, str]]:
     return assign, split
 
 
-def _study(cfg: SynthConfig, i: int, fmt: str, patient: dict, split: str, root: Path) -> dict:
-    rng = np.random.default_rng([cfg.seed, 100, i])
-    modality = "CT" if fmt == "m3d" or rng.random() < cfg.ct_share else "MR"
+@dataclass
+class PhantomStudy:
+    """One rendered study: the voxels in RAS order (HU for CT, T1 units for MR), ground truth, report."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str
+    body_part: str
+    phase: str
+    findings: list
+    report: str
+
+
+def render_study(rng: np.random.Generator, size: str = "small", ct_share: float = 0.65,
+                 force_ct: bool = False) -> PhantomStudy:
+    """A random study drawn as the archive draws them (for benches and tests that need pixels, not files)."""
+    modality = "CT" if force_ct or rng.random() < ct_share else "MR"
     body_part = str(rng.choice(BODY_PARTS))
     phase = str(rng.choice(CT_PHASES[body_part] if modality == "CT" else MR_PHASES))
     findings = sample_findings(rng, body_part, phase)
-    array, affine = render(rng, body_part, modality, phase, findings, cfg.size)
+    array, affine = render(rng, body_part, modality, phase, findings, size)
     report = write_report(rng, modality, body_part, phase, findings)
+    return PhantomStudy(array, affine, modality, body_part, phase, findings, report)
+
+
+def _study(cfg: SynthConfig, i: int, fmt: str, patient: dict, split: str, root: Path) -> dict:
+    rng = np.random.default_rng([cfg.seed, 100, i])
+    drawn = render_study(rng, cfg.size, cfg.ct_share, force_ct=fmt == "m3d")
+    array, affine, modality, body_part = drawn.array, drawn.affine, drawn.modality, drawn.body_part
+    phase, findings, report = drawn.phase, drawn.findings, drawn.report
     date = (dt.date(2015, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3650)))).isoformat()
     key = f"study{i:05d}"
     if fmt == "nifti":

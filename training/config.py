@@ -47,6 +47,7 @@ class ClipTrainConfig:
     # Evaluation (Med3DVLM protocol): first N pairs of the held-out split, N as many of these as exist.
     eval_ns: tuple[int, ...] = (100, 500, 1000, 2000)
     eval_split: str = "validation"  # per-epoch evaluation; the final one always uses "test"
+    eval_every: int = 1  # epochs between evaluations on eval_split (the last epoch always evaluates)
     eval_batch_size: int = 16
     allow_split_overlap: bool = False  # evaluations refuse a catalog whose splits share scans/patients
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: at epoch ends only
@@ -64,7 +65,7 @@ class ClipTrainConfig:
             self.init = Path(self.init)
         if self.init_text_dir is not None:
             self.init_text_dir = Path(self.init_text_dir)
-        for name in ("workers", "epochs", "batch_size", "grad_accum"):
+        for name in ("workers", "epochs", "batch_size", "grad_accum", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClipTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.finding_loss_weight < 0:

@@ -286,11 +286,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 epoch_losses = [h["loss"] for h in history if h["kind"] == "step" and h["epoch"] == epoch + 1]
                 record["loss"] = float(np.mean(epoch_losses)) if epoch_losses else None
-                emb = embed_pairs(raw, eval_shard.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"),
-                                  device)
-                result = score_embeddings(raw, emb, cfg.eval_ns)
-                record.update(headline(result))
-                record["eval"] = result
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    emb = embed_pairs(raw, eval_shard.iter_batches(batch_size=cfg.eval_batch_size,
+                                                                   batch_format="numpy"), device)
+                    result = score_embeddings(raw, emb, cfg.eval_ns)
+                    record.update(headline(result))
+                    record["eval"] = result
                 if resumed_from is not None:
                     record["resumed_from_step"] = resumed_from
                 history.append(record)

@@ -104,7 +104,8 @@ def _initial_model(cfg: ReportTrainConfig, work: Path) -> tuple[Path, dict]:
     vision, preprocess = None, cfg.preprocess
     if cfg.vision_init:
         vision, clip_pre, variant = _vision_from(cfg.vision_init)
-        model_cfg = dataclasses.replace(model_cfg, vision_variant=variant)
+        model_cfg = dataclasses.replace(model_cfg, vision_variant=variant,
+                                        vision_input_filter=getattr(vision, "input_filter", 0))
         preprocess = preprocess or clip_pre
     if preprocess is None:
         from voxsearch.ingest import PreprocessConfig

@@ -63,6 +63,7 @@ def _register_clip(stages) -> None:
                    help="treat pairs whose studies show the same findings as non-negatives (default: on)")
     p.add_argument("--input-filter", type=int,
                    help="box pre-filter size before the DCFormer stem (odd; 0: the published encoder)")
+    p.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1; the last always runs)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-train-studies", type=int, help="use only the first N train studies")
     p.add_argument("--checkpoint-every", type=int, help="optimiser steps between mid-epoch checkpoints")
@@ -100,7 +101,7 @@ def run_export(args) -> int:
 
 _SIMPLE = ("workers", "gpus_per_worker", "cpus_per_worker", "epochs", "batch_size", "grad_accum", "lr",
            "text_lr", "warmup_steps", "grad_clip", "freeze_text", "init", "init_text_dir", "seed",
-           "max_train_studies", "checkpoint_every", "ray_address", "finding_loss_weight", "group_same_findings")
+           "max_train_studies", "checkpoint_every", "ray_address", "finding_loss_weight", "group_same_findings", "eval_every")
 
 
 def build_config(args):
