@@ -96,3 +96,22 @@ def test_each_rank_caches_its_studies_in_a_fixed_order_whatever_order_blocks_arr
         second.close()
     with pytest.raises(RuntimeError, match="never arrived"):
         build_shard_cache(batches(ids[:5]), owner, 1, (1, 2, 2, 2), str(tmp_path))
+
+
+def test_epoch_evaluation_scores_queries_without_dropout():
+    import torch
+
+    from voxsearch.encoders import ClipConfig, ClipModel
+    from voxsearch.training.evaluate import score_embeddings
+
+    torch.manual_seed(0)
+    model = ClipModel(ClipConfig(vision_variant="nano", embed_dim=16))
+    rng = np.random.default_rng(0)
+    findings = [json.dumps([{"type": "cyst", "organ": "liver"}]) if i % 3 == 0 else "[]" for i in range(60)]
+    emb = {"img": rng.normal(size=(60, 16)).astype(np.float32), "txt": rng.normal(size=(60, 16)).astype(np.float32),
+           "findings": np.array(findings, dtype=object)}
+    model.eval()
+    expected = score_embeddings(model, emb, (60,))["findings"]
+    model.train()  # as between training steps
+    assert score_embeddings(model, emb, (60,))["findings"] == expected
+    assert model.training  # and the caller's mode is given back

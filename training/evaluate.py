@@ -72,9 +72,12 @@ def score_embeddings(model, emb: dict[str, np.ndarray], ns: Sequence[int] = DEFA
     queries = finding_queries(findings)
     if queries:
         texts = [q.text() for q in queries]
+        was_training = model.training
+        model.eval()  # a training run calls this between steps: no dropout in the query embeddings
         with torch.inference_mode():
             q_emb = model.encode_text(texts).float().cpu().numpy()
             search_emb = model.encode_query(texts).float().cpu().numpy()
+        model.train(was_training)
         # "findings": the query embedding the search uses (with the finding head's directions where the
         # model has one); "findings_text_only": the plain text embedding.
         result["findings_text_only"] = finding_precision(emb["img"], q_emb, queries, findings, k=k)

@@ -179,6 +179,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                               loop_config["owner"], rank, expected, worker_cache_root())
     labels = tuple(raw.config.finding_labels) if cfg.finding_loss_weight > 0 else ()
     y_all, groups_all = _finding_targets(cache, labels, cfg.group_same_findings)
+    pos_weight = None
+    if y_all is not None and cfg.finding_pos_weight_cap > 1:
+        positives = y_all.sum(0).clamp_min(1.0)
+        pos_weight = ((len(y_all) - positives) / positives).clamp(1.0, cfg.finding_pos_weight_cap).to(device)
     feats_all = text_features(raw, list(cache.report)) if cfg.freeze_text else None
 
     model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -248,7 +252,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     img, txt = out[0].float(), out[1].float()
                     loss = raw.loss(img, txt, groups=None if groups_all is None else groups_all[idx].to(device))
                     if labels:
-                        aux = F.binary_cross_entropy_with_logits(out[2].float(), y_all[idx].to(device))
+                        aux = F.binary_cross_entropy_with_logits(out[2].float(), y_all[idx].to(device),
+                                                                 pos_weight=pos_weight)
                         aux_sum += float(aux.detach())
                         loss = loss + cfg.finding_loss_weight * aux
                     (loss / cfg.grad_accum).backward()

@@ -89,7 +89,7 @@ def query_vector(args, index):
             preprocess = resolve_model(args.checkpoint).preprocess
             volume = preprocess_path(args.scan, preprocess, modality=args.modality)
             return model.encode_image(torch.from_numpy(volume)[None]).float().numpy()
-        return model.encode_text([args.text]).float().numpy()
+        return model.encode_query([args.text]).float().numpy()  # finding-aware, as the server
 
 
 def _cell(value, width: int) -> str:

@@ -59,6 +59,8 @@ def _register_clip(stages) -> None:
                    help="model input size; also the preprocessing spatial size")
     p.add_argument("--finding-loss-weight", type=float,
                    help="weight of the auxiliary finding-label loss (0: off; quick preset: 1)")
+    p.add_argument("--finding-pos-weight-cap", type=float,
+                   help="up-weight rare finding positives by negatives/positives, capped (1: plain BCE)")
     p.add_argument("--group-same-findings", action=argparse.BooleanOptionalAction, default=None,
                    help="treat pairs whose studies show the same findings as non-negatives (default: on)")
     p.add_argument("--input-filter", type=int,
@@ -101,7 +103,8 @@ def run_export(args) -> int:
 
 _SIMPLE = ("workers", "gpus_per_worker", "cpus_per_worker", "epochs", "batch_size", "grad_accum", "lr",
            "text_lr", "warmup_steps", "grad_clip", "freeze_text", "init", "init_text_dir", "seed",
-           "max_train_studies", "checkpoint_every", "ray_address", "finding_loss_weight", "group_same_findings", "eval_every")
+           "max_train_studies", "checkpoint_every", "ray_address", "finding_loss_weight", "group_same_findings", "eval_every",
+           "finding_pos_weight_cap")
 
 
 def build_config(args):
