@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     raw_top1 = top1_same_patient(inputs.reshape(len(inputs), -1).astype(np.float64), patients)
     chance = 1.0 / (len(scans) - 1)
     result = {"patients": args.patients, "scans": len(scans), "seed": args.seed, "size": args.size,
-              "max_degrees": args.max_degrees, "max_shift_voxels": args.max_shift, "checkpoint": str(checkpoint),
+              "max_degrees": args.max_degrees, "max_shift_voxels": args.max_shift,
+              "checkpoint": str(args.checkpoint) if args.checkpoint else f"packaged:{checkpoint.name}",
               "top1_same_patient": {"model": model_top1, "raw_voxels": raw_top1, "chance": chance},
               "ratio_model_vs_raw": model_top1 / raw_top1 if raw_top1 else None}
     args.out.parent.mkdir(parents=True, exist_ok=True)
