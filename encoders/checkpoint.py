@@ -160,12 +160,16 @@ class FindingHead:
     """A checkpoint's finding read-out as plain arrays: probabilities from stored embeddings without
     loading the model (the search front end holds it)."""
 
-    def __init__(self, labels, weight, bias):
+    def __init__(self, labels, weight, bias, thresholds=None):
         import numpy as np
 
         self.labels = tuple(labels)
         self.weight = np.asarray(weight, dtype=np.float32)
         self.bias = np.asarray(bias, dtype=np.float32)
+        # Per-label decision thresholds chosen on held-out studies (a head trained on rare labels is
+        # under-confident: 0.5 would hide most true findings); 0.5 where the checkpoint has none.
+        self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(self.labels),
+                                     dtype=np.float32)
 
     def probabilities(self, vectors):
         import numpy as np
@@ -173,10 +177,11 @@ class FindingHead:
         logits = np.asarray(vectors, dtype=np.float32) @ self.weight.T + self.bias
         return 1.0 / (1.0 + np.exp(-logits))
 
-    def describe(self, vector, threshold: float = 0.5, limit: int = 5) -> list[dict]:
-        """The likely findings of one study, most probable first: [{"finding", "label", "probability"}]."""
+    def describe(self, vector, limit: int = 5) -> list[dict]:
+        """The findings the head calls present in one study (probability at or above the label's threshold),
+        most probable first: [{"finding", "label", "probability"}]."""
         probs = self.probabilities(vector[None])[0]
-        order = [int(i) for i in probs.argsort()[::-1] if probs[i] >= threshold][:limit]
+        order = [int(i) for i in probs.argsort()[::-1] if probs[i] >= self.thresholds[i]][:limit]
         out = []
         for i in order:
             kind, _, organ = self.labels[i].partition("|")
@@ -190,11 +195,14 @@ def read_finding_head(directory: str | Path) -> FindingHead | None:
     from safetensors import safe_open
 
     directory = Path(directory)
-    labels = read_clip_meta(directory)["clip_config"].get("finding_labels") or []
+    meta = read_clip_meta(directory)
+    labels = meta["clip_config"].get("finding_labels") or []
     if not labels:
         return None
+    thresholds = (meta.get("extra") or {}).get("finding_thresholds")
     with safe_open(str(directory / WEIGHTS), framework="np") as f:
-        return FindingHead(labels, f.get_tensor("finding_head.weight"), f.get_tensor("finding_head.bias"))
+        return FindingHead(labels, f.get_tensor("finding_head.weight"), f.get_tensor("finding_head.bias"),
+                           thresholds if thresholds is not None and len(thresholds) == len(labels) else None)
 
 
 def model_id(directory: str | Path) -> str:

@@ -115,3 +115,40 @@ def test_epoch_evaluation_scores_queries_without_dropout():
     model.train()  # as between training steps
     assert score_embeddings(model, emb, (60,))["findings"] == expected
     assert model.training  # and the caller's mode is given back
+
+
+def test_finding_thresholds_show_only_calls_that_are_usually_right():
+    import torch
+
+    from voxsearch.training.evaluate import finding_thresholds
+
+    rng = np.random.default_rng(1)
+    n = 200
+    has_cyst = rng.random(n) < 0.1
+    sure = np.where(has_cyst, rng.uniform(0.3, 0.5, n), rng.uniform(0.0, 0.25, n))  # separable, under-confident
+    noise = rng.uniform(0.0, 1.0, n)  # no signal at all
+
+    class Stub:
+        config = type("C", (), {"finding_labels": ("cyst|liver", "stone|kidney")})()
+
+        def predict_findings(self, img):
+            return torch.from_numpy(np.stack([sure, noise], 1).astype(np.float32))
+
+    findings = [json.dumps([{"type": "cyst", "organ": "liver"}] if c else []) for c in has_cyst]
+    emb = {"img": np.zeros((n, 4), np.float32), "findings": np.array(findings, dtype=object),
+           "report": np.array([""] * n, dtype=object)}
+    thresholds = finding_thresholds(Stub(), emb)
+    assert 0.25 <= thresholds[0] <= 0.3  # the lowest threshold above every negative: well under 0.5
+    assert thresholds[1] == 0.95  # a label the head cannot call reliably is not shown
+
+
+def test_finding_head_applies_each_labels_threshold():
+    from voxsearch.encoders import FindingHead
+
+    head = FindingHead(["cyst|liver", "nodule|lung"], np.eye(2, 3, dtype=np.float32), np.zeros(2, np.float32),
+                       thresholds=[0.6, 0.3])
+    vector = np.array([0.0, 0.0, 1.0], np.float32)  # both probabilities 0.5
+    assert [f["label"] for f in head.describe(vector)] == ["nodule|lung"]
+    assert head.describe(vector)[0]["finding"] == "nodule in the lung"
+    uncalibrated = FindingHead(head.labels, head.weight, head.bias).describe(vector)
+    assert {f["label"] for f in uncalibrated} == {"cyst|liver", "nodule|lung"}  # 0.5 without calibration

@@ -40,7 +40,7 @@ def embed_pairs(model, batches: Iterable[dict[str, np.ndarray]], device=None) ->
     count_tokens, budget = token_counter(model.text), model.text.config.max_length
     was_training = model.training
     model.eval()
-    ids, imgs, txts, findings = [], [], [], []
+    ids, imgs, txts, findings, report_texts = [], [], [], [], []
     with torch.inference_mode(), _autocast(device):
         for batch in batches:
             if len(batch["series_id"]) == 0:
@@ -51,12 +51,14 @@ def embed_pairs(model, batches: Iterable[dict[str, np.ndarray]], device=None) ->
             txts.append(model.encode_text(reports).float().cpu().numpy())
             ids.extend(str(s) for s in batch["series_id"])
             findings.extend(batch["findings"])
+            report_texts.extend(str(r) for r in batch["report"])
     model.train(was_training)
     if not ids:
         raise ValueError("no pairs to embed")
     order = np.argsort(np.array(ids), kind="stable")
     return {"series_id": np.array(ids)[order], "img": np.concatenate(imgs)[order],
-            "txt": np.concatenate(txts)[order], "findings": np.array(findings, dtype=object)[order]}
+            "txt": np.concatenate(txts)[order], "findings": np.array(findings, dtype=object)[order],
+            "report": np.array(report_texts, dtype=object)[order]}
 
 
 def score_embeddings(model, emb: dict[str, np.ndarray], ns: Sequence[int] = DEFAULT_NS,
@@ -83,6 +85,33 @@ def score_embeddings(model, emb: dict[str, np.ndarray], ns: Sequence[int] = DEFA
         result["findings_text_only"] = finding_precision(emb["img"], q_emb, queries, findings, k=k)
         result["findings"] = finding_precision(emb["img"], search_emb, queries, findings, k=k)
     return result
+
+
+def finding_thresholds(model, emb: dict[str, np.ndarray], min_precision: float = 0.6) -> list[float] | None:
+    """Per-label decision thresholds of the finding head: the lowest at which the label's calls on these
+    (held-out) studies are right at least ``min_precision`` of the time, so a finding shown on a study is
+    usually there. The head is trained on rare labels and under-confident: a fixed 0.5 would hide most
+    true findings. A label that never reaches the precision (or has no positive here) gets 0.95."""
+    import torch
+
+    from voxsearch.training.finding_labels import FindingLabeler
+
+    labels = tuple(model.config.finding_labels)
+    if not labels or len(emb["img"]) == 0:
+        return None
+    labeler = FindingLabeler(labels)
+    y = np.stack([labeler.vector({"findings": f, "report": r}) for f, r in zip(emb["findings"], emb["report"])]) > 0
+    with torch.inference_mode():
+        probs = model.predict_findings(torch.from_numpy(np.asarray(emb["img"], np.float32))).float().numpy()
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    out = []
+    for j in range(len(labels)):
+        pred = probs[:, j][None, :] >= grid[:, None]
+        called = pred.sum(1)
+        precision = (pred & y[:, j]).sum(1) / np.maximum(called, 1)
+        ok = np.flatnonzero((precision >= min_precision) & (called >= 2))
+        out.append(float(grid[ok[0]]) if len(ok) else 0.95)
+    return out
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

@@ -146,6 +146,7 @@ def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:
         _publish(directory / MODEL_DIR, model_dir)
 
     history = state["history"]
+    _calibrate_finding_head(cfg, model_dir, eval_ds, eval_split)
     final = _final_evaluation(cfg, model_dir, table, test_ds)
     metrics = {
         "optimizer_steps": int(state["step"]),
@@ -178,6 +179,23 @@ def _set_finding_labels(cfg: ClipTrainConfig, train_rows) -> None:
         return
     log.info("finding loss over %d labels: %s", len(labeler.labels), ", ".join(labeler.labels))
     cfg.model = dataclasses.replace(cfg.model, finding_labels=labeler.labels)
+
+
+def _calibrate_finding_head(cfg: ClipTrainConfig, model_dir: Path, eval_ds, split: str) -> None:
+    """Store per-label thresholds of the finding head, chosen on the evaluation split (not the test split)."""
+    from voxsearch.encoders import load_clip, read_clip_meta, save_clip
+    from voxsearch.training.evaluate import embed_pairs, finding_thresholds
+
+    model = load_clip(model_dir)
+    if model.finding_head is None:
+        return
+    emb = embed_pairs(model, eval_ds.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"))
+    thresholds = finding_thresholds(model, emb)
+    extra = dict(read_clip_meta(model_dir).get("extra") or {})
+    extra.update({"finding_thresholds": thresholds, "finding_thresholds_from": f"{split} split, "
+                  f"{len(emb['img'])} studies, lowest with precision >= 0.6 per label"})
+    save_clip(model, model_dir, extra=extra)
+    log.info("finding thresholds: %s", dict(zip(model.config.finding_labels, thresholds)))
 
 
 def _final_evaluation(cfg: ClipTrainConfig, model_dir: Path, table, test_ds) -> dict[str, Any]:
