@@ -45,8 +45,8 @@ class StudyHit(BaseModel):
     thumbnails: Thumbnails | None = Field(..., description="null when this server holds no pixels for the id")
     url: str | None = Field(..., description="the study's API resource; null when this server does not know the study")
     predicted_findings: list[PredictedFinding] | None = Field(
-        None, description="what the model sees in this scan (probability >= 0.5); null when the model has no "
-                          "finding head")
+        None, description="what the model sees in this scan (each label called at its calibrated threshold); "
+                          "null when the model has no finding head")
 
 
 class SearchResponse(BaseModel):
