@@ -96,7 +96,7 @@ function predictedTags(found) {
   box.className = "predicted";
   if (!found) return box;
   if (!found.length) {
-    box.innerHTML = '<span class="tag seen">model sees no finding</span>';
+    box.innerHTML = '<span class="tag seen" title="no finding reaches its calibrated threshold">no confident finding</span>';
     return box;
   }
   box.innerHTML = found.map((f) => `<span class="tag seen" title="model probability">${esc(f.finding)} ${Math.round(f.probability * 100)}%</span>`).join("");
