@@ -38,17 +38,14 @@ def _moved(rng, array: np.ndarray, max_deg: float, max_shift: float) -> np.ndarr
 
 
 def make_pairs(n: int, seed: int, size: str, max_deg: float, max_shift: float):
-    from voxsearch.ingest.synth_phantom import add_noise, render
-    from voxsearch.ingest.synth_vocab import BODY_PARTS, CT_PHASES, MR_PHASES, sample_findings
+    from voxsearch.ingest import render_study
+    from voxsearch.ingest.synth_phantom import add_noise
 
     scans = []
     for p in range(n):
         rng = np.random.default_rng([seed, 77, p])
-        modality = "CT" if rng.random() < 0.65 else "MR"
-        body = str(rng.choice(BODY_PARTS))
-        phase = str(rng.choice(CT_PHASES[body] if modality == "CT" else MR_PHASES))
-        findings = sample_findings(rng, body, phase)
-        clean, affine = render(rng, body, modality, phase, findings, size, noise=False)
+        study = render_study(rng, size, noise=False)
+        clean, affine, modality, findings = study.array, study.affine, study.modality, study.findings
         first = clean.copy()
         add_noise(np.random.default_rng([seed, 78, p]), first, modality)
         second = _moved(rng, clean, max_deg, max_shift)

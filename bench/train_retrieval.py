@@ -139,7 +139,6 @@ def oracle_ladder(rows: list[dict], k: int = 10) -> dict:
 
 def embedding_stats(model_dir: Path, catalog: Path, rows: list[dict], workers: int) -> dict:
     """Collapse and similar-case search on the test split's image embeddings."""
-    from voxsearch.encoders import load_clip
     from voxsearch.training.data import preprocessed_dataset
     from voxsearch.training.evaluate import _model_and_preprocess, embed_pairs
     from voxsearch.training.metrics import parse_findings

@@ -12,9 +12,10 @@ from .statedict import CheckpointMismatchError, read_state_dict
 from .text import TextTower, TextTowerConfig
 
 __all__ = [
-    "VARIANTS", "CheckpointMismatchError", "FindingHead", "read_finding_head", "ClipConfig", "ClipModel", "DCFormer", "DCFormerSpec",
-    "MixerProjector", "MixerProjectorConfig", "SigLipLoss", "TextTower", "TextTowerConfig", "count_parameters",
-    "dcformer", "distributed_siglip_loss", "export_clip", "fold_batchnorm", "import_med3dvlm_clip", "inference_context",
-    "load_clip", "load_med3dvlm_dcformer", "packaged_checkpoint", "load_med3dvlm_projector", "model_id", "read_clip_meta",
+    "CheckpointMismatchError", "ClipConfig", "ClipModel", "DCFormer", "DCFormerSpec", "FindingHead",
+    "MixerProjector", "MixerProjectorConfig", "SigLipLoss", "TextTower", "TextTowerConfig", "VARIANTS",
+    "count_parameters", "dcformer", "distributed_siglip_loss", "export_clip", "fold_batchnorm",
+    "import_med3dvlm_clip", "inference_context", "load_clip", "load_med3dvlm_dcformer",
+    "load_med3dvlm_projector", "model_id", "packaged_checkpoint", "read_clip_meta", "read_finding_head",
     "read_state_dict", "save_clip", "siglip_loss",
 ]

@@ -34,8 +34,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model`` to ``directory`` (replaced atomically if it exists); ``extra`` is stored verbatim."""
+def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None, packaged_text: bool = False) -> Path:
+    """Write ``model`` to ``directory`` (replaced atomically if it exists); ``extra`` is stored verbatim.
+    ``packaged_text``: leave the text tower out, to be loaded from the installed package (see export_clip)."""
     from safetensors.torch import save_file
 
     if is_folded(model):
@@ -44,8 +45,11 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
-    cfg["text"]["path"] = TEXT_SUBDIR  # relative: the directory carries its own text tower files
+    # Relative: the directory carries its own text tower files, unless they come from the package.
+    cfg["text"]["path"] = None if packaged_text else TEXT_SUBDIR
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "clip_config": cfg, "extra": extra or {}}
+    if packaged_text:
+        meta["text_weights"] = "packaged"
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as exc:
@@ -54,9 +58,11 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         # Clone so tied or shared tensors become separate blobs that safetensors accepts.
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+                   if not (packaged_text and k.startswith("text."))}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
-        model.text.save_pretrained_files(tmp / TEXT_SUBDIR)
+        if not packaged_text:
+            model.text.save_pretrained_files(tmp / TEXT_SUBDIR)
         (tmp / CONFIG).write_text(meta_text)
         _replace_dir(tmp, directory)
     except BaseException:
@@ -68,37 +74,18 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
 def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -> Path:
     """Copy checkpoint ``src`` to ``dest``; with ``packaged_text`` leave out the text tower, which must then
     be the packaged default tower with its weights unchanged (checked tensor by tensor)."""
-    from safetensors.torch import save_file
-
     model = load_clip(src)
-    meta = read_clip_meta(src)
-    if not packaged_text:
-        return save_clip(model, dest, extra=meta.get("extra"))
-    from .text import TextTower, TextTowerConfig
+    extra = read_clip_meta(src).get("extra")
+    if packaged_text:
+        from .text import TextTower, TextTowerConfig
 
-    reference = TextTower(TextTowerConfig(pooling=model.config.text.pooling,
-                                          max_length=model.config.text.max_length)).state_dict()
-    mine = model.text.state_dict()
-    if set(reference) != set(mine) or any(not torch.equal(reference[k], mine[k]) for k in reference):
-        raise ValueError(f"{src}: its text tower is not the packaged one unchanged (trained or another model); "
-                         "export it with its text weights")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
-    cfg["text"]["path"] = None
-    out_meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "clip_config": cfg,
-                "extra": meta.get("extra") or {}, "text_weights": "packaged"}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-                   if not k.startswith("text.")}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
-        (tmp / CONFIG).write_text(json.dumps(out_meta, indent=2, sort_keys=True))
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+        reference = TextTower(TextTowerConfig(pooling=model.config.text.pooling,
+                                              max_length=model.config.text.max_length)).state_dict()
+        mine = model.text.state_dict()
+        if set(reference) != set(mine) or any(not torch.equal(reference[k], mine[k]) for k in reference):
+            raise ValueError(f"{src}: its text tower is not the packaged one unchanged (trained or another model); "
+                             "export it with its text weights")
+    return save_clip(model, dest, extra=extra, packaged_text=packaged_text)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -104,15 +104,13 @@ class ClipModel(nn.Module):
     def query_labels(self, text: str) -> list[str]:
         """The head's labels that ``text`` asserts (negation-aware; a type without an organ means every
         organ the head knows it in)."""
-        from .finding_text import FindingMatcher
+        from .finding_text import default_matcher
 
         if self.finding_head is None:
             return []
-        if not hasattr(self, "_matcher"):
-            self._matcher = FindingMatcher.default()
-        named = self._matcher.extract(text)
+        named = default_matcher().extract(text)
         return [label for label in self.config.finding_labels
-                if any(label.split("|", 1)[0] == kind and (organ is None or label.split("|", 1)[1] == organ)
+                if any(label.partition("|")[0] == kind and organ in (None, label.partition("|")[2])
                        for kind, organ in named)]
 
     def encode_query(self, texts: list[str], finding_weight: float = 1.0) -> torch.Tensor:

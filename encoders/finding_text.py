@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
 
 _CLAUSE = re.compile(r"[.;:!?\n]+|,\s*(?:but|however|whereas)\b|\bbut\b|\bhowever\b")
 _PRE_NEGATION = re.compile(
@@ -74,9 +76,8 @@ class FindingMatcher:
         return found
 
 
-
-    @classmethod
-    def default(cls) -> "FindingMatcher":
-        """Every type and organ this module has words for."""
-        return cls({t: _surface([t, *TYPE_SYNONYMS[t]]) for t in sorted(TYPE_SYNONYMS)},
-                   {o: _surface([o, *ORGAN_SYNONYMS[o]]) for o in sorted(ORGAN_SYNONYMS)})
+@lru_cache(maxsize=1)
+def default_matcher() -> FindingMatcher:
+    """A matcher for every type and organ this module has words for, compiled once per process (search
+    queries and drafts call it per request)."""
+    return FindingMatcher.from_vocabulary(SimpleNamespace(types=sorted(TYPE_SYNONYMS), organs=sorted(ORGAN_SYNONYMS)))

@@ -1,4 +1,4 @@
-"""Checkpoints shipped inside the package (made by the project's own training; see each one's TRAINED.md)."""
+"""Checkpoints shipped inside the package (made by the project's own training; see each one's TRAINED.json)."""
 
 from __future__ import annotations
 

@@ -92,13 +92,14 @@ class PhantomStudy:
 
 
 def render_study(rng: np.random.Generator, size: str = "small", ct_share: float = 0.65,
-                 force_ct: bool = False) -> PhantomStudy:
-    """A random study drawn as the archive draws them (for benches and tests that need pixels, not files)."""
+                 force_ct: bool = False, noise: bool = True) -> PhantomStudy:
+    """A random study drawn as the archive draws them (for benches and tests that need pixels, not files);
+    ``noise=False``: the noiseless object (see synth_phantom.render)."""
     modality = "CT" if force_ct or rng.random() < ct_share else "MR"
     body_part = str(rng.choice(BODY_PARTS))
     phase = str(rng.choice(CT_PHASES[body_part] if modality == "CT" else MR_PHASES))
     findings = sample_findings(rng, body_part, phase)
-    array, affine = render(rng, body_part, modality, phase, findings, size)
+    array, affine = render(rng, body_part, modality, phase, findings, size, noise=noise)
     report = write_report(rng, modality, body_part, phase, findings)
     return PhantomStudy(array, affine, modality, body_part, phase, findings, report)
 

@@ -146,13 +146,8 @@ def render(rng: np.random.Generator, body_part: str, modality: str, phase: str, 
     for finding in findings:
         _draw_lesions(rng, cv, finding, layout[finding["organ"]], modality, t(finding["organ"]), host_mask_cache)
     if noise:
-        _add_noise(rng, cv.array, modality)
+        add_noise(rng, cv.array, modality)
     return cv.array, cv.affine
-
-
-def add_noise(rng: np.random.Generator, array: np.ndarray, modality: str) -> None:
-    """The scanner noise (and, for MR, coil bias field) of ``render``, in place."""
-    _add_noise(rng, array, modality)
 
 
 def _lesion_value(modality: str, kind: str, organ: str, host: float) -> float:
@@ -189,7 +184,8 @@ def _draw_lesions(rng, cv: Canvas, finding: dict, parts, modality: str, host: fl
         cv.ellipsoid(tuple(pos), tuple(r * shape_jitter), value)
 
 
-def _add_noise(rng, array: np.ndarray, modality: str) -> None:
+def add_noise(rng: np.random.Generator, array: np.ndarray, modality: str) -> None:
+    """Scanner noise (and, for MR, a coil bias field), in place."""
     if modality == "CT":
         array += rng.normal(0.0, 10.0, size=array.shape).astype(np.float32)
         return

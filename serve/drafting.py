@@ -59,9 +59,9 @@ def compose_draft(neighbours: list[Neighbour], max_sentences: int = 8, detected:
     empty = nothing detected); neighbours are then re-ranked by how well their reports agree with it."""
     usable = [n for n in neighbours if n.report and n.report.strip()]
     if detected is not None and usable:
-        from voxsearch.encoders.finding_text import FindingMatcher
+        from voxsearch.encoders.finding_text import default_matcher
 
-        matcher = FindingMatcher.default()
+        matcher = default_matcher()
         labels = {d["label"] for d in detected}
         usable.sort(key=lambda n: -_agreement(n.report, labels, matcher))  # stable: similarity breaks ties
     if max_neighbours is not None:

@@ -31,23 +31,19 @@ def _preprocessed(array, affine, modality):
     return preprocess_volume(volume, PreprocessConfig(spatial_size=SIZE, crop_foreground=False))
 
 
-def _render(monkeypatch, body, modality, phase, findings, noise: bool):
-    if not noise:
-        monkeypatch.setattr(synth_phantom, "_add_noise", lambda rng, array, modality: None)
-    else:
-        monkeypatch.undo()
-    return synth_phantom.render(np.random.default_rng(5), body, modality, phase, findings, "small")
+def _render(body, modality, phase, findings, noise: bool):
+    return synth_phantom.render(np.random.default_rng(5), body, modality, phase, findings, "small", noise=noise)
 
 
 @pytest.mark.parametrize("body,organ,side,kind,size_mm,modality,phase", list(_cases()))
 def test_each_planted_finding_changes_the_model_input_by_more_than_the_noise(
-        monkeypatch, body, organ, side, kind, size_mm, modality, phase):
+        body, organ, side, kind, size_mm, modality, phase):
     finding = {"type": kind, "organ": organ, "side": side, "size_mm": size_mm, "count": 1, "phase": phase}
     # The anatomy is drawn before any lesion and the noise last, so one seed gives the same body with
     # and without the finding, and with and without noise.
-    clean, affine = _render(monkeypatch, body, modality, phase, [], noise=False)
-    lesion, _ = _render(monkeypatch, body, modality, phase, [finding], noise=False)
-    noisy, _ = _render(monkeypatch, body, modality, phase, [], noise=True)
+    clean, affine = _render(body, modality, phase, [], noise=False)
+    lesion, _ = _render(body, modality, phase, [finding], noise=False)
+    noisy, _ = _render(body, modality, phase, [], noise=True)
     a, b = _preprocessed(clean, affine, modality), _preprocessed(lesion, affine, modality)
     n = _preprocessed(noisy, affine, modality)
     changed = np.abs(b - a) > 1e-6

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from voxsearch.training.augment import VolumeAugment
-from voxsearch.training.finding_labels import FindingLabeler, group_ids
+from voxsearch.training.finding_labels import FindingLabeler
 from voxsearch.training.shard_cache import assign_ranks, build_shard_cache
 
 
@@ -65,7 +65,7 @@ def test_labels_come_from_ground_truth_else_from_the_report_with_negations():
 
 def test_same_findings_groups_join_normal_studies_of_one_body_part_only():
     labeler = FindingLabeler(("cyst|liver",))
-    ids = group_ids([labeler.group_key(r) for r in ROWS])
+    ids = [labeler.group_id(r) for r in ROWS]
     assert ids[3] == ids[4] != ids[5]  # two normal abdomens; a normal head is another group
     assert len({ids[0], ids[2], ids[3]}) == 3
 

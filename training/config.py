@@ -42,8 +42,8 @@ class ClipTrainConfig:
     # truth where present, otherwise findings extracted from the report (negation-aware).
     finding_loss_weight: float = 0.0
     finding_min_count: int = 5  # a (type, organ) label needs this many training studies
-    # Up-weight each label's rare positives by negatives/positives, capped here (1: plain BCE). Without it
-    # the head learns each finding's base rate and the gradient that would find the lesion is tiny.
+    # Up-weight each label's rare positives by negatives/positives, capped here (1: plain BCE). Measured on
+    # the phantom bench, a cap of 10 did worse than plain BCE (README, training benchmark).
     finding_pos_weight_cap: float = 1.0
     # Pairs whose studies show the same findings (same modality, body part, findings) are no negatives.
     group_same_findings: bool = True

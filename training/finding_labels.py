@@ -8,45 +8,38 @@ real archives that only have reports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from voxsearch.encoders.finding_text import FindingMatcher
+from voxsearch.encoders.finding_text import FindingMatcher, default_matcher
+from voxsearch.training.metrics import parse_findings
 
 
 def label_name(kind: str, organ: str) -> str:
     return f"{kind}|{organ}"
 
 
-def split_label(name: str) -> tuple[str, str]:
-    kind, _, organ = name.partition("|")
-    return kind, organ
-
-
 def _truth(value) -> list[dict] | None:
-    """Ground-truth findings of a catalog cell, or None when the archive gave none for this study."""
-    if value is None:
+    """Ground-truth findings of a catalog cell, or None when the archive gave none for this study (an
+    empty cell, or one that is not a findings list): "[]" is a normal study, a missing cell is unknown."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(value, list):
+    try:
+        found = parse_findings(value)
+    except (json.JSONDecodeError, TypeError):
         return None
-    return [f for f in value if isinstance(f, Mapping) and f.get("type") and f.get("organ")]
+    return [f for f in found if f.get("type") and f.get("organ")]
 
 
 class FindingExtractor:
     """Study -> set of (type, organ, side or None): ground truth where present, else the report."""
 
     def __init__(self, matcher: FindingMatcher | None = None):
-        self.matcher = matcher or FindingMatcher.default()
+        self.matcher = matcher or default_matcher()
 
     def findings(self, row: Mapping) -> set[tuple[str, str, str | None]]:
         truth = _truth(row.get("findings"))
@@ -85,7 +78,8 @@ class FindingLabeler:
         return json.dumps([str(row.get("modality") or ""), str(row.get("body_part") or ""), found])
 
 
-def group_ids(keys: Sequence[str]) -> np.ndarray:
-    """Equal keys -> equal small ints (stable: first appearance order)."""
-    seen: dict[str, int] = {}
-    return np.array([seen.setdefault(k, len(seen)) for k in keys], dtype=np.int64)
+    def group_id(self, row: Mapping) -> int:
+        """A stable hash of group_key: equal on every rank and in every run (the loss compares ids across
+        ranks, so a per-rank counter would not do)."""
+        digest = hashlib.blake2b(self.group_key(row).encode(), digest_size=7).digest()
+        return int.from_bytes(digest, "big")

@@ -106,14 +106,7 @@ def _finding_targets(cache, labels, group_same_findings: bool):
         return None, None
     labeler = FindingLabeler(labels)
     y = torch.from_numpy(np.stack([labeler.vector(r) for r in cache.rows])) if labels else None
-    groups = None
-    if group_same_findings:
-        # Group ids must mean the same on every rank (the loss compares ids across ranks): a stable hash
-        # of the key, not a per-rank counter.
-        import hashlib
-
-        groups = torch.tensor([int.from_bytes(hashlib.blake2b(labeler.group_key(r).encode(), digest_size=7).digest(),
-                                              "big") for r in cache.rows], dtype=torch.long)
+    groups = torch.tensor([labeler.group_id(r) for r in cache.rows], dtype=torch.long) if group_same_findings else None
     return y, groups
 
 

@@ -27,7 +27,7 @@ def register(sub) -> None:
             "Run every stage on a generated archive of phantom CT and MR studies and serve the result on "
             "127.0.0.1. Finished stages are reused on the next run (delete --dir, or pass --fresh, to redo "
             "them). The model is the packaged one (trained by the project on other phantoms; see "
-            "voxsearch/encoders/pretrained/*/TRAINED.md) unless --train asks for one trained here; an existing "
+            "voxsearch/encoders/pretrained/*/TRAINED.json) unless --train asks for one trained here; an existing "
             "checkpoint in DIR/checkpoint is used as it is.\n\n"
             "example: voxsearch demo --dir ./voxsearch-demo --port 8000\n"
             "         voxsearch demo --no-serve            # build everything, serve nothing"

@@ -58,7 +58,7 @@ def _register_clip(stages) -> None:
     p.add_argument("--image-size", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="model input size; also the preprocessing spatial size")
     p.add_argument("--finding-loss-weight", type=float,
-                   help="weight of the auxiliary finding-label loss (0: off; quick preset: 1)")
+                   help="weight of the auxiliary finding-label loss (0: off; quick preset: 10)")
     p.add_argument("--finding-pos-weight-cap", type=float,
                    help="up-weight rare finding positives by negatives/positives, capped (1: plain BCE)")
     p.add_argument("--group-same-findings", action=argparse.BooleanOptionalAction, default=None,
