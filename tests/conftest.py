@@ -21,9 +21,10 @@ SHARED = Path(os.environ.get("VOXSEARCH_SHARED", REPO.parent / "shared"))
 
 @pytest.fixture(scope="session")
 def med3dvlm_fixtures() -> Path:
-    path = SHARED / "fixtures" / "med3dvlm"
+    # Kept in the repository (copied from shared/fixtures/med3dvlm, ~10 MB) so a clone anywhere passes.
+    path = REPO / "tests" / "fixtures" / "med3dvlm"
     if not path.is_dir():
-        pytest.fail(f"Med3DVLM reference fixtures not found at {path} (expected ../shared beside the repo)")
+        pytest.fail(f"Med3DVLM reference fixtures not found at {path}")
     return path
 
 
