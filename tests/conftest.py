@@ -16,7 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VOXSEARCH_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")
