@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     import torch
 
     from voxsearch.ingest import read_catalog
-    from voxsearch.runtime import init_ray
+    from voxsearch.common.runtime import init_ray
 
     mode = "quick" if args.quick else "full"
     image_size = (64, 128, 128) if args.quick else (128, 256, 256)

@@ -44,7 +44,7 @@ def main() -> int:
     from voxsearch.embed.sync import SyncConfig, sync_forever, sync_round
     from voxsearch.index import VectorIndex
     from voxsearch.ingest import SynthConfig, generate_archive
-    from voxsearch.runtime import init_ray
+    from voxsearch.common.runtime import init_ray
 
     os.environ["VOXSEARCH_DICOMWEB_USER"], os.environ["VOXSEARCH_DICOMWEB_PASSWORD"] = USER, PASSWORD
     work = Path(tempfile.mkdtemp(prefix="voxsearch-bench-pacs-"))

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.n, args.epochs1, args.epochs2 = min(args.n, 80), min(args.epochs1, 1), max(args.epochs2, 6)
     from voxsearch.encoders.report_model import load_report_model
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.training.report_eval import evaluate_reports
 
     init_ray(RayConfig())

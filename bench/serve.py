@@ -197,7 +197,7 @@ def inprocess_scenario(name: str, duration: float, ctx: dict) -> dict:
 
 def main() -> int:
     args = parse()
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.serve.app import start, stop
     from voxsearch.serve.config import DeploymentOptions, Deployments, ServeConfig
 

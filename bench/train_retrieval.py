@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     spec["n"] = args.n or spec["n"]
     spec["epochs"] = args.epochs or spec["epochs"]
 
-    from voxsearch.runtime import init_ray
+    from voxsearch.common.runtime import init_ray
     from voxsearch.training.data import load_catalog, split_rows
 
     init_ray()

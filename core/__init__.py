@@ -1,3 +1,5 @@
 """voxsearch: search archives of 3D medical scans by text and by example scan."""
 
-__version__ = "0.1.0"
+from voxsearch.common import __version__
+
+__all__ = ["__version__"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voxsearch.runtime import RayConfig
+from voxsearch.common.runtime import RayConfig
 
 
 class EmbedError(RuntimeError):

@@ -157,7 +157,7 @@ def _driver_meta(todo: pa.Table) -> pa.Table:
 
 
 def _run_pipeline(cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: EmbeddingStore, schema: pa.Schema) -> dict:
-    from voxsearch.runtime import init_ray
+    from voxsearch.common.runtime import init_ray
 
     ray = init_ray(cfg.ray)
     import ray.data

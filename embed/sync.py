@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from voxsearch.runtime import RayConfig
+from voxsearch.common.runtime import RayConfig
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ class ShardedIndex:
 
     @staticmethod
     def _spawn(num_shards: int, actor_options: Mapping | None) -> list:
-        from voxsearch.runtime import init_ray
+        from voxsearch.common.runtime import init_ray
 
         ray = init_ray()
         if actor_options is None:

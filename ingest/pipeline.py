@@ -96,7 +96,7 @@ def _json_hook(obj):
 def _results_ray(items: list[dict], ctx: dict, cfg: IngestConfig):
     import ray
 
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
 
     init_ray(RayConfig(address=cfg.ray_address))
     data_ctx = ray.data.DataContext.get_current()

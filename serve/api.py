@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
-from voxsearch import __version__
+from voxsearch.common import __version__
 from voxsearch.serve.auth import KeyChecker
 from voxsearch.serve.config import ServeConfig
 from voxsearch.serve.metrics import RequestMetrics

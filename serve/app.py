@@ -58,7 +58,7 @@ def start(config: ServeConfig, ray_address: str | None = None, ready_timeout_s: 
     """Start (or update) the app and wait until /api/v1/ready answers 200; returns the base URL."""
     from ray import serve
 
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
 
     config.validate()
     init_ray(RayConfig(address=ray_address))

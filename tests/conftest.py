@@ -30,7 +30,7 @@ def med3dvlm_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray of the test run; tests that need Ray take this fixture."""
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
 
     ray = init_ray(RayConfig(num_cpus=2, object_store_memory=500_000_000))
     yield ray

@@ -13,7 +13,7 @@ from embed_testlib import EMBED_DIM, ids_of, make_checkpoint, shard_table
 
 from voxsearch.embed import EmbedConfig, run_embedding
 from voxsearch.embed import runner as embed_runner
-from voxsearch.runtime import RayConfig
+from voxsearch.common.runtime import RayConfig
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from embed_testlib import ids_of, make_checkpoint
 
 from voxsearch.embed import EmbedConfig, run_embedding
-from voxsearch.runtime import RayConfig
+from voxsearch.common.runtime import RayConfig
 
 WAIT_S = 300
 

@@ -160,9 +160,9 @@ def evaluate_retrieval(model, catalog: Path | str | pa.Table, split: str = "test
 
     Refuses (SplitLeakageError) when the split shares scans or patients with another split, unless
     allow_split_overlap; the integrity report is part of the result either way. Needs Ray (it
-    preprocesses through Ray Data); call voxsearch.runtime.init_ray first on a cluster.
+    preprocesses through Ray Data); call voxsearch.common.runtime.init_ray first on a cluster.
     """
-    from voxsearch.runtime import init_ray
+    from voxsearch.common.runtime import init_ray
     from voxsearch.training.data import load_catalog, preprocessed_dataset, split_rows
 
     model, preprocess = _model_and_preprocess(model, preprocess)

@@ -271,7 +271,7 @@ def train_report(cfg: ReportTrainConfig) -> ReportTrainResult:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.training.data import collect_pairs, load_catalog, preprocessed_dataset, split_rows
     from voxsearch.training.integrity import check_split
 

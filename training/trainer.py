@@ -60,7 +60,7 @@ def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
     import pyarrow as pa
 
     from voxsearch.training.data import load_catalog, preprocessed_dataset, split_dataset, split_rows

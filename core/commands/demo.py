@@ -69,7 +69,7 @@ def _skip(label: str, path: Path) -> None:
 def run(args) -> int:
     import shutil
 
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
 
     root = Path(args.dir).resolve()
     if args.fresh and root.exists():

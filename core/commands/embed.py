@@ -38,7 +38,7 @@ def register(sub):
 
 def run(args) -> int:
     from voxsearch.embed import EmbedConfig, EmbedError, run_embedding
-    from voxsearch.runtime import RayConfig
+    from voxsearch.common.runtime import RayConfig
 
     try:
         cfg = EmbedConfig(

@@ -59,7 +59,7 @@ def format_table(result: dict) -> str:
 
 
 def run_retrieval(args) -> int:
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.training import SplitLeakageError, evaluate_retrieval
 
     for label, path in (("checkpoint", args.checkpoint), ("catalog", args.catalog)):

@@ -120,7 +120,7 @@ def _open(path: Path, args, mmap: bool = False, verify: bool = True):
 
 
 def _ray(args) -> None:
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
 
     init_ray(RayConfig(address=getattr(args, "ray_address", None)))
 

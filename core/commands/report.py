@@ -214,7 +214,7 @@ def format_report_result(r: dict) -> str:
 
 
 def run_eval_report(args) -> int:
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.training.integrity import SplitLeakageError
     from voxsearch.training.report_eval import evaluate_reports
 
@@ -237,7 +237,7 @@ def run_eval_report(args) -> int:
 
 
 def run_eval_vqa(args) -> int:
-    from voxsearch.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.training.integrity import SplitLeakageError
     from voxsearch.training.report_eval import evaluate_vqa
 

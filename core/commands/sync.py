@@ -37,7 +37,7 @@ def register(sub):
 
 def run(args) -> int:
     from voxsearch.embed.sync import SyncConfig, sync_forever, sync_round
-    from voxsearch.runtime import RayConfig
+    from voxsearch.common.runtime import RayConfig
 
     cfg = SyncConfig(
         source=args.source, catalog=args.catalog, index=args.index, checkpoint=args.checkpoint,
