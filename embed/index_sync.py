@@ -47,44 +47,48 @@ def _split(table: pa.Table) -> tuple[list[str], np.ndarray, pa.Table]:
 def sync_index(index_dir: Path, store: EmbeddingStore, model_id: str, index_config=None) -> dict:
     """Build `index_dir` from every embedding row, or update it: add ids it lacks, replace re-embedded ids,
     delete ids whose new content failed. Works from the folder's state, so a run killed between writing
-    shards and saving the index is repaired by the next run."""
-    from voxsearch.index import IndexConfig, VectorIndex
-    from voxsearch.index.store import is_index_dir
+    shards and saving the index is repaired by the next run; goes through update_index, so rows another
+    writer (the server's /embed) saved meanwhile stay."""
+    from voxsearch.index import IndexConfig, VectorIndex, update_index
 
     index_dir = Path(index_dir)
     source = {"embeddings": str(store.root.resolve()), "model_id": model_id}
-    if not is_index_dir(index_dir):
+
+    def build() -> VectorIndex | None:
         table = _rows_for(store, None)
         if table is None:
-            return {"path": str(index_dir), "action": "unchanged", "added": 0, "deleted": 0, "size": 0}
+            return None
         ids, matrix, metadata = _split(table)
-        index = VectorIndex.build(ids, matrix, metadata, index_config or IndexConfig(), source=source)
-        index.save(index_dir)
-        store.clear_superseded()
-        return {"path": str(index_dir), "action": "built", "added": len(ids), "deleted": 0, "size": len(index)}
+        return VectorIndex.build(ids, matrix, metadata, index_config or IndexConfig(), source=source)
 
-    index = VectorIndex.load(index_dir)
-    indexed_model = index.manifest.get("source", {}).get("model_id")
-    if indexed_model not in (None, model_id):
-        raise EmbedError(f"index {index_dir} holds vectors of model {indexed_model}, not {model_id}; use a new --index")
-    embedded = set()
-    for path in store.embedding_files():
-        embedded.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
-    superseded = store.superseded()
-    wanted = (embedded - set(index.ids())) | (superseded & embedded)
-    deleted = index.delete(sorted(superseded - embedded))
-    added = 0
-    if wanted:
-        table = _rows_for(store, wanted)
-        ids, matrix, metadata = _split(table)
-        if matrix.shape[1] != index.dim:
-            raise EmbedError(f"index {index_dir} has dimension {index.dim}, the embeddings have {matrix.shape[1]}")
-        added = index.add(ids, matrix, metadata, replace=True)
-    if added or deleted:
-        if index.needs_compact:
-            index = index.compact()
-        index.save(index_dir)
+    def catch_up(index: VectorIndex) -> tuple[int, int]:
+        indexed_model = index.manifest.get("source", {}).get("model_id")
+        if indexed_model not in (None, model_id):
+            raise EmbedError(f"index {index_dir} holds vectors of model {indexed_model}, not {model_id}; use a new --index")
+        embedded = set()
+        for path in store.embedding_files():
+            embedded.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+        superseded = store.superseded()
+        wanted = (embedded - set(index.ids())) | (superseded & embedded)
+        deleted = index.delete(sorted(superseded - embedded))
+        added = 0
+        if wanted:
+            ids, matrix, metadata = _split(_rows_for(store, wanted))
+            if matrix.shape[1] != index.dim:
+                raise EmbedError(f"index {index_dir} has dimension {index.dim}, the embeddings have {matrix.shape[1]}")
+            added = index.add(ids, matrix, metadata, replace=True)
+        if (added or deleted) and index.needs_compact:
+            index.compact()  # the last row gone leaves an empty index that still loads and searches
+        return added, deleted
+
+    done = update_index(index_dir, catch_up, create=build)
+    if done.index is None:
+        return {"path": str(index_dir), "action": "unchanged", "added": 0, "deleted": 0, "size": 0}
     store.clear_superseded()
+    if done.action == "created":
+        return {"path": str(index_dir), "action": "built", "added": len(done.index), "deleted": 0,
+                "size": len(done.index)}
+    added, deleted = done.result
     action = "updated" if added or deleted else "unchanged"
-    log.info("index %s %s: +%d -%d, %d vectors", index_dir, action, added, deleted, len(index))
-    return {"path": str(index_dir), "action": action, "added": added, "deleted": deleted, "size": len(index)}
+    log.info("index %s %s: +%d -%d, %d vectors", index_dir, action, added, deleted, len(done.index))
+    return {"path": str(index_dir), "action": action, "added": added, "deleted": deleted, "size": len(done.index)}

@@ -5,7 +5,7 @@ Layout of an output folder EMB:
     _errors/part-<run>-<seq>.parquet  one row per catalog row that could not be embedded
     _embed.json                       model id and preprocessing every row was made with
     _superseded.json                  ids re-embedded since the index last saw them
-    .lock                             held by the one run writing here
+    .lock                             flock-ed by the one run writing here (its host and pid inside)
 
 Names starting with "_" or "." are skipped by pyarrow's dataset discovery, so `pq.read_table(EMB)` and
 `voxsearch.index.build_from_embeddings(EMB)` read exactly the embedding rows.
@@ -17,6 +17,7 @@ rewriting a shard the same way, and a run only writes ids that no shard holds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from time import perf_counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from voxsearch.common.durable import atomic_write, atomic_write_text
 from voxsearch.embed.config import EmbedError
 
 log = logging.getLogger(__name__)
@@ -75,29 +77,13 @@ def embedding_schema(catalog_schema: pa.Schema, dim: int, text_dim: int | None, 
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Readers see the whole file or nothing: write a hidden temp file, flush it to disk, rename."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Readers see the whole file or nothing, and a power cut after this returns loses neither (the
+    hidden temp file ".<name>.*.tmp" is what remove_temp_files clears after a crash)."""
+    atomic_write(path, lambda fh: pq.write_table(table, fh))
 
 
 def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 @dataclass
@@ -157,29 +143,41 @@ class EmbeddingStore:
     # -- run lock ------------------------------------------------------------------------------------
     @contextmanager
     def locked(self):
-        """One writer per folder. A lock left by a killed run on this host is taken over."""
+        """One writer per folder: an flock on .lock held for the run's life. The kernel drops it when its
+        process dies, so a killed run's lock needs no takeover and two runs can never both hold it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                host, _, pid = self.lock_path.read_text().strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-                    log.warning("taking over the lock of a run that is gone (pid %s) in %s", pid, self.root)
-                    self.lock_path.unlink(missing_ok=True)
-                    continue
-                raise EmbedError(
-                    f"{self.root} is being written by another embed run (host {host}, pid {pid}); "
-                    f"if that run is gone, delete {self.lock_path}"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            break
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                host, _, pid = self._lock_owner().partition(" ")
+                raise EmbedError(f"{self.root} is being written by another embed run (host {host or '?'}, "
+                                 f"pid {pid or '?'})") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # a run released (unlinked) the file between our open and flock: lock the new one
         try:
+            left = self._lock_owner()
+            if left:  # a released lock file is unlinked: this one's run died holding it
+                log.warning("%s: the run that held it (%s) is gone; taking over", self.lock_path, left)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
             yield self
         finally:
-            self.lock_path.unlink(missing_ok=True)
+            self.lock_path.unlink(missing_ok=True)  # before the unlock: a waiter then sees a new inode
+            os.close(fd)
+
+    def _lock_owner(self) -> str:
+        try:
+            return self.lock_path.read_text().strip()
+        except FileNotFoundError:
+            return ""
 
     def remove_temp_files(self) -> int:
         """Temp files of a killed run (only safe while holding the lock)."""

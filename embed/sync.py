@@ -4,6 +4,10 @@ A round ingests what is new or changed in the source (a folder, or a PACS throug
 mirror), embeds it, adds it to the index the server searches (which picks up the new version without a
 restart), and removes from all three what the source deleted. Every step is idempotent and derived
 from the state on disk, so a round killed anywhere and run again ends with each series once.
+
+A listing that lacks most of what is known is more often an emptied or restarted PACS, changed
+permissions or an unmounted folder than a real mass deletion: a round deletes at most
+`max_delete_share` of the known series, and never all of them, unless `allow_mass_delete` is set.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class SyncConfig:
     # Passed on to EmbedConfig (e.g. actor_cpus, read_cpus, batch_size): a sync sharing its cluster with
     # a server must leave the server's reserved CPUs free or its embedding tasks wait forever.
     embed_options: dict = field(default_factory=dict)
+    # Above this share of the known series (or all of them) a round deletes nothing; see the module doc.
+    max_delete_share: float = 0.2
+    allow_mass_delete: bool = False
     progress: bool = True
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -43,6 +50,8 @@ class SyncConfig:
         self.catalog, self.index, self.checkpoint = Path(self.catalog), Path(self.index), Path(self.checkpoint)
         self.embeddings = Path(self.embeddings) if self.embeddings else self.index.with_name(self.index.name + "-embeddings")
         self.mirror = Path(self.mirror) if self.mirror else self.catalog.with_name(self.catalog.name + "-mirror")
+        if not 0.0 <= self.max_delete_share <= 1.0:
+            raise ValueError(f"max_delete_share must be between 0 and 1, got {self.max_delete_share}")
 
     @property
     def is_pacs(self) -> bool:
@@ -56,6 +65,7 @@ class RoundReport:
     added: int = 0
     changed: int = 0
     deleted: int = 0
+    deletions_refused: int = 0  # series the source lacks but that were kept: too many at once
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     index_size: int | None = None
@@ -94,6 +104,11 @@ def _forget(cfg: SyncConfig, series_ids: list[str]) -> None:
     forget_series(cfg.catalog, series_ids)
 
 
+def _mass_delete(cfg: SyncConfig, gone: list[str], known: int) -> bool:
+    """True when deleting `gone` out of `known` series needs allow_mass_delete."""
+    return bool(gone) and not cfg.allow_mass_delete and (len(gone) >= known or len(gone) > cfg.max_delete_share * known)
+
+
 def sync_round(cfg: SyncConfig) -> RoundReport:
     from voxsearch.embed import EmbedConfig, run_embedding
     from voxsearch.ingest import IngestConfig, run_ingest
@@ -128,6 +143,14 @@ def sync_round(cfg: SyncConfig) -> RoundReport:
         if not archive.is_dir():
             raise FileNotFoundError(f"sync source {archive} is neither a folder nor a DICOMweb URL")
         gone = _gone_from_folder(before)
+
+    known = len(set(before) | set(gone) | (mirror.present() if cfg.is_pacs else set()))
+    if _mass_delete(cfg, gone, known):
+        why = "all of them" if len(gone) >= known else f"over the {cfg.max_delete_share:.0%} one round may delete"
+        log.warning("sync: the source lacks %d of the %d known series (%s): deleting none of them this round; "
+                    "if the source really deleted them, rerun with --allow-mass-delete", len(gone), known, why)
+        report.deletions_refused = len(gone)
+        gone = []
 
     if gone:
         _forget(cfg, gone)

@@ -6,12 +6,19 @@ The index knows vectors, ids and metadata columns, never models.
 
 from voxsearch.index.config import IndexConfig
 from voxsearch.index.embeddings import Embeddings, build_from_embeddings, read_embeddings
-from voxsearch.index.errors import IndexCorruptError, IndexFormatError, ReadOnlyIndexError
+from voxsearch.index.errors import (
+    IndexConflictError,
+    IndexCorruptError,
+    IndexFormatError,
+    IndexLockTimeout,
+    ReadOnlyIndexError,
+)
 from voxsearch.index.factory import FactoryChoice, choose_factory
 from voxsearch.index.sharded import ShardedIndex, shard_of
-from voxsearch.index.vector_index import Hit, VectorIndex
+from voxsearch.index.vector_index import Hit, IndexUpdate, VectorIndex, update_index
 
 __all__ = [
     "IndexConfig", "VectorIndex", "Hit", "ShardedIndex", "shard_of", "build_from_embeddings", "read_embeddings",
     "Embeddings", "IndexCorruptError", "IndexFormatError", "ReadOnlyIndexError", "FactoryChoice", "choose_factory",
+    "IndexConflictError", "IndexLockTimeout", "IndexUpdate", "update_index",
 ]

@@ -17,3 +17,18 @@ class IndexCorruptError(VectorIndexError):
 
 class ReadOnlyIndexError(VectorIndexError):
     """A memory-mapped index was asked to change; reload it without mmap to modify it."""
+
+
+class IndexConflictError(VectorIndexError):
+    """Another writer saved a new version of the index after this writer read it; reload and re-apply."""
+
+    def __init__(self, directory, expected: str | None, found: str | None):
+        self.directory, self.expected, self.found = directory, expected, found
+        super().__init__(
+            f"index {directory} changed while this writer worked: it read version {expected or '(none)'}, "
+            f"the folder now holds {found or '(none)'}"
+        )
+
+
+class IndexLockTimeout(VectorIndexError):
+    """The index folder's write lock stayed held by another writer for longer than the timeout."""

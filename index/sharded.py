@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from voxsearch.index.config import IndexConfig
+from voxsearch.common.durable import atomic_write_text
 from voxsearch.index.errors import IndexFormatError
-from voxsearch.index.vector_index import Hit, VectorIndex
+from voxsearch.index.vector_index import Hit, VectorIndex, update_index
 
 SHARDED_MANIFEST = "sharded.json"
 SHARDED_FORMAT = "voxsearch-sharded-index"
@@ -57,6 +56,12 @@ class _Shard:
     def compact(self) -> int:
         self.index.compact()
         return len(self.index)
+
+    def update(self, directory: str, action: str, args: tuple) -> int:
+        """Apply add / delete / compact to the newest saved version of this shard and hold the result."""
+        done = update_index(directory, lambda index: getattr(index, action)(*args))
+        self.index = done.index
+        return len(done.index) if action == "compact" else done.result
 
     def manifest(self) -> dict:
         return self.index.manifest
@@ -199,6 +204,28 @@ class ShardedIndex:
         """Compact every shard in parallel; returns the live row count."""
         return sum(self._get([a.compact.remote() for a in self._actors]))
 
+    def update(self, directory: str | Path, action: str, ids: Sequence[str] = (), vectors: np.ndarray | None = None,
+               metadata: pa.Table | None = None, replace: bool = False) -> int:
+        """`action` ("add", "delete" or "compact") applied to the saved shards in `directory`, each shard
+        through update_index so a concurrent writer's version is re-applied to, never overwritten; the
+        actors then hold the new versions. Returns rows added / deleted, or the live count for compact."""
+        directory = Path(directory)
+        names = json.loads((directory / SHARDED_MANIFEST).read_text())["shards"]
+        ids = np.asarray([str(i) for i in ids], dtype=object)
+        vectors = np.asarray(vectors, dtype=np.float32) if vectors is not None else None
+
+        def args(rows: np.ndarray) -> tuple:
+            if action == "add":
+                return ids[rows].tolist(), vectors[rows], _take(metadata, rows), replace
+            return (ids[rows].tolist(),)
+
+        if action == "compact":
+            calls = [(a, name, ()) for a, name in zip(self._actors, names)]
+        else:
+            parts = _partition(ids, self.num_shards)
+            calls = [(a, name, args(rows)) for a, name, rows in zip(self._actors, names, parts) if len(rows)]
+        return sum(self._get([a.update.remote(str(directory / name), action, args) for a, name, args in calls]))
+
     @property
     def needs_compact(self) -> bool:
         return any(m["deleted"] / max(m["rows"], 1) > 0.2 for m in self.shard_manifests())
@@ -211,9 +238,7 @@ class ShardedIndex:
         self._get([a.save.remote(str(directory / name)) for a, name in zip(self._actors, names)])
         manifest = {"format": SHARDED_FORMAT, "format_version": 1, "num_shards": self.num_shards, "dim": self._dim,
                     "shards": names, "hash": "blake2b-64(id) mod num_shards"}
-        tmp = directory / f".tmp-{uuid.uuid4().hex}-{SHARDED_MANIFEST}"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, directory / SHARDED_MANIFEST)
+        atomic_write_text(directory / SHARDED_MANIFEST, json.dumps(manifest, indent=2))
         return directory
 
     def close(self) -> None:

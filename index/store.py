@@ -6,26 +6,39 @@ and sha256 of every file. A save writes a fresh hidden folder, renames it to the
 only then swaps CURRENT with os.replace (atomic), so a writer killed at any point leaves the
 previous version loadable. The newest two versions are kept so a reader that opened the old one
 while a writer swapped it can finish.
+
+Several processes write one index (the server's /embed, `voxsearch sync`, `voxsearch index add`): the
+swap happens under an exclusive lock on DIR/.write-lock and only if CURRENT still names the version the
+writer read (compare-and-swap), so no writer silently replaces a version it never saw. Files are written
+before the lock is taken, each writer into its own temp folder that it holds locked until it is renamed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from voxsearch.index.errors import IndexCorruptError, IndexFormatError
+from voxsearch.index.errors import IndexConflictError, IndexCorruptError, IndexFormatError, IndexLockTimeout
 
 FORMAT = "voxsearch-index"
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 KEEP_VERSIONS = 2
+LOCK_FILE = ".write-lock"
+LOCK_TIMEOUT_S = 120.0
+# write_version(expected=ANY_VERSION) replaces whatever the folder holds (a rebuild saved over an index).
+ANY_VERSION = object()
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 
@@ -53,19 +66,103 @@ def _versions(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _VERSION_RE.match(p.name)))
 
 
-def write_version(directory: Path, writers: dict[str, Callable[[Path], None]], manifest: dict) -> Path:
-    """Write one new version of the index at `directory` and make it current; returns its folder."""
+def current_version(directory: Path) -> str | None:
+    """The version folder name CURRENT points at ("v000003"), or None where the folder holds no index."""
+    try:
+        parts = (Path(directory) / CURRENT).read_text().split()
+    except FileNotFoundError:
+        return None
+    return parts[0] if parts else None
+
+
+def pointer_line(folder: Path) -> str:
+    """What CURRENT holds when it points at this version folder."""
+    return f"{folder.name} {sha256_file(folder / MANIFEST)}"
+
+
+class _HeldLock:
+    """One process's hold on one index folder's lock file: a thread lock keeps the process's own threads
+    out (flock does not), depth makes it re-entrant for the thread that holds it."""
+
+    def __init__(self) -> None:
+        self.threads = threading.RLock()
+        self.depth = 0
+        self.handle = None
+
+
+_held: dict[str, _HeldLock] = {}
+_held_guard = threading.Lock()
+
+
+def _flock_until(handle, deadline: float) -> bool:
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+@contextmanager
+def write_lock(directory: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the exclusive write lock of the index folder `directory` (created if missing). Re-entrant in
+    the thread that holds it; raises IndexLockTimeout naming the folder after `timeout` seconds."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _held_guard:
+        held = _held.setdefault(str(directory.resolve()), _HeldLock())
+    deadline = time.monotonic() + timeout
+    busy = IndexLockTimeout(f"index {directory} is being written by another writer: its write lock "
+                            f"({LOCK_FILE}) stayed held for {timeout:g} s; try again later")
+    if not held.threads.acquire(timeout=max(timeout, 0.0)):
+        raise busy
+    try:
+        if held.depth == 0:
+            handle = open(directory / LOCK_FILE, "a")
+            if not _flock_until(handle, deadline):
+                handle.close()
+                raise busy
+            held.handle = handle
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+            if held.depth == 0:
+                held.handle.close()  # closing the last descriptor releases the flock
+                held.handle = None
+    finally:
+        held.threads.release()
+
+
+def _hold_folder(path: Path) -> int:
+    """Lock a writer's temp folder for as long as it writes there, so _prune can tell it from a dead one's."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def write_version(directory: Path, writers: dict[str, Callable[[Path], None]], manifest: dict, *,
+                  expected: str | None | object, lock_timeout: float = LOCK_TIMEOUT_S) -> Path:
+    """Write one new version of the index at `directory` and make it current; returns its folder.
+
+    `expected` is the version the caller read (None: it read no index there). If CURRENT names another
+    version by the time of the swap, IndexConflictError is raised and nothing changes: the caller
+    reloads and re-applies its change. ANY_VERSION skips the check."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise IndexFormatError(f"cannot save an index to {directory}: it is a file")
     if directory.is_dir() and not is_index_dir(directory) and any(
-        not p.name.startswith(".tmp-") for p in directory.iterdir()
+        not p.name.startswith(".tmp-") and p.name != LOCK_FILE for p in directory.iterdir()
     ):
         raise IndexFormatError(f"refusing to save an index into {directory}: it is a non-empty folder that holds no index")
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-{uuid.uuid4().hex}"
-    try:
+    with write_lock(directory, lock_timeout):  # _prune runs under this lock: it never sees tmp unlocked
         tmp.mkdir()
+        guard = _hold_folder(tmp)
+    try:
         files = {}
         for name, write in writers.items():
             path = tmp / name
@@ -76,31 +173,47 @@ def write_version(directory: Path, writers: dict[str, Callable[[Path], None]], m
         manifest_path = tmp / MANIFEST
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         _fsync(manifest_path)
-        number = (_versions(directory) or [0])[-1] + 1
-        final = directory / f"v{number:06d}"
-        os.rename(tmp, final)
-        pointer = directory / f".tmp-{uuid.uuid4().hex}-{CURRENT}"
-        pointer.write_text(f"{final.name} {sha256_file(final / MANIFEST)}\n")
-        _fsync(pointer)
-        os.replace(pointer, directory / CURRENT)
-        _fsync(directory)
+        _fsync(tmp)
+        with write_lock(directory, lock_timeout):
+            found = current_version(directory)
+            if expected is not ANY_VERSION and found != expected:
+                raise IndexConflictError(directory, expected, found)
+            number = (_versions(directory) or [0])[-1] + 1
+            final = directory / f"v{number:06d}"
+            os.rename(tmp, final)
+            pointer = directory / f".tmp-{uuid.uuid4().hex}-{CURRENT}"
+            pointer.write_text(pointer_line(final) + "\n")
+            _fsync(pointer)
+            os.replace(pointer, directory / CURRENT)
+            _fsync(directory)
+            _prune(directory, keep=final.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(directory, keep=final.name)
+    finally:
+        os.close(guard)
     return final
 
 
 def _prune(directory: Path, keep: str) -> None:
-    """Drop versions beyond the newest KEEP_VERSIONS and temp folders of writers that died."""
+    """Drop versions beyond the newest KEEP_VERSIONS and what writers that died left behind. Runs under
+    the write lock: a temp folder whose lock can be taken has no live writer; pointer temp files are
+    only written under the write lock, so any found here are a dead writer's."""
     for number in _versions(directory)[:-KEEP_VERSIONS]:
         if f"v{number:06d}" != keep:
             shutil.rmtree(directory / f"v{number:06d}", ignore_errors=True)
     for path in directory.glob(".tmp-*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
+        if not path.is_dir():
             path.unlink(missing_ok=True)
+            continue
+        try:
+            fd = _hold_folder(path)
+        except (BlockingIOError, FileNotFoundError):
+            continue  # another writer is filling it, or has just renamed it into a version
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def read_version(directory: Path, verify: bool = True) -> tuple[Path, dict]:

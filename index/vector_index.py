@@ -5,6 +5,9 @@ Rows are numbered in insertion order and that number is the faiss label, so ids,
 stored vectors are plain arrays indexed by label. Deleted rows stay in those arrays (marked dead)
 until `compact()`; indexes that cannot remove entries (HNSW) keep them as tombstones that every
 search excludes with an ID selector.
+
+Writers of a saved index go through `update_index`, which re-applies a change to the newest version
+whenever another writer saved first, so no writer's rows are lost.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 import faiss
 import numpy as np
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 
 from voxsearch.index import store
 from voxsearch.index.config import IndexConfig
-from voxsearch.index.errors import IndexCorruptError, ReadOnlyIndexError
+from voxsearch.index.errors import IndexConflictError, IndexCorruptError, ReadOnlyIndexError
 from voxsearch.index.exact import exact_topk, rerank
 from voxsearch.index.factory import choose_factory, training_rows
 from voxsearch.index.filters import filter_mask
@@ -39,6 +43,8 @@ RECALL_K = 10
 DEFAULT_RERANK_FACTOR = 10
 EF_CANDIDATES = [16, 32, 64, 128, 256, 512, 1024]
 MAX_EF = 4096
+EMPTY_FACTORY = "Flat"  # what an index holds once its last row is gone: needs no training, takes adds
+_AUTO = object()
 _PARAM_ALIASES = {"nprobe": "nprobe", "efSearch": "efSearch", "ef_search": "efSearch",
                   "rerank_factor": "rerank_factor", "k_factor": "rerank_factor"}
 
@@ -133,6 +139,9 @@ class VectorIndex:
         self._pos: dict[str, int] | None = None
         self._gpu_index = None
         self._gpu_failed = False
+        self._changes = 0  # add / delete / compact calls that changed rows: update_index saves only then
+        # (resolved folder, version name) this object was loaded from or last saved to: what a save expects
+        self._origin: tuple[str, str] | None = None
 
     # ----- construction -------------------------------------------------------------------------
     @classmethod
@@ -312,6 +321,7 @@ class VectorIndex:
         positions = self._positions
         positions.update(zip(id_array.tolist(), labels.tolist()))
         self._info["updated_at"] = _now()
+        self._changes += 1
         return len(matrix)
 
     def _append_metadata(self, metadata: pa.Table | None, n: int) -> pa.Table | None:
@@ -343,6 +353,7 @@ class VectorIndex:
             pass  # e.g. HNSW: the rows stay as tombstones that searches exclude until compact()
         self._gpu_index = None
         self._info["updated_at"] = _now()
+        self._changes += 1
         return int(len(rows))
 
     def compact(self) -> "VectorIndex":
@@ -353,10 +364,13 @@ class VectorIndex:
             raise ValueError("compact needs the stored vectors (the index was built with store_vectors=False)")
         alive = np.flatnonzero(self._alive)
         if not len(alive):
-            raise ValueError("compact: the index has no rows left")
+            self._empty_out()
+            return self
         metadata = self._metadata.take(pa.array(alive)) if self._metadata is not None else None
+        # The user's forced factory, else the one built (an emptied index was Flat only while empty).
+        forced = self.config.factory or self._info["factory"]
         config = IndexConfig.from_dict({**self.config.to_dict(),
-                                        "factory": None if self._info.get("factory_auto") else self._info["factory"],
+                                        "factory": None if self._info.get("factory_auto") else forced,
                                         "normalize": False})  # stored vectors are already normalised
         rebuilt = VectorIndex.build(self._ids[alive], np.asarray(self._vectors[alive]), metadata, config,
                                     source=self._info.get("source"))
@@ -364,8 +378,23 @@ class VectorIndex:
         rebuilt._info["factory_auto"] = self._info.get("factory_auto", False)
         rebuilt._info["created_at"] = self._info.get("created_at")
         rebuilt._info["compacted_at"] = _now()
+        rebuilt._changes, rebuilt._origin = self._changes + 1, self._origin
         self.__dict__.update(rebuilt.__dict__)
         return self
+
+    def _empty_out(self) -> None:
+        """No rows left: an empty index that saves, loads, searches (no hits) and takes adds. An
+        untrained IVF or PQ could take no adds, so it becomes Flat until a compact re-chooses."""
+        self._index = _new_faiss(EMPTY_FACTORY, self._dim)
+        self._ids = np.asarray([], dtype=object)
+        self._alive = np.zeros(0, dtype=bool)
+        self._vectors = np.zeros((0, self._dim), dtype=np.float32)
+        self._metadata = self._metadata.schema.empty_table() if self._metadata is not None else None
+        self._pos, self._gpu_index = None, None
+        self._info.update(factory=EMPTY_FACTORY, factory_reason="empty: every row was deleted", rerank=False,
+                          search_defaults={}, compacted_at=_now(),
+                          recall={"recall_at_k": None, "k": RECALL_K, "note": "not measured (empty index)"})
+        self._changes += 1
 
     # ----- search -----------------------------------------------------------------------------------
     def _gpu_enabled(self) -> bool:
@@ -474,8 +503,18 @@ class VectorIndex:
         return out
 
     # ----- persistence ------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write a new version of the index folder atomically; returns the version folder."""
+    @property
+    def version(self) -> str | None:
+        """The version folder this object was loaded from or last saved to ("v000003")."""
+        return self._origin[1] if self._origin else None
+
+    def save(self, directory: str | Path, expected: str | None | object = _AUTO) -> Path:
+        """Write a new version of the index folder atomically; returns the version folder.
+
+        `expected` is the version the caller read there (None: no index yet; store.ANY_VERSION: replace
+        whatever is there). By default an index loaded from or saved to `directory` expects the version
+        it last saw, so a version another writer saved meanwhile raises IndexConflictError instead of
+        being overwritten; any other index (a fresh build) replaces what the folder holds."""
         writers = {
             INDEX_FILE: lambda p: faiss.write_index(self._index, str(p)),
             IDS_FILE: lambda p: pq.write_table(pa.table({"id": pa.array(self._ids.tolist(), pa.string()),
@@ -487,9 +526,14 @@ class VectorIndex:
             writers[METADATA_FILE] = lambda p: pq.write_table(self._metadata, p)
         manifest = {k: v for k, v in self.manifest.items() if k not in ("gpu", "files", "directory")}
         manifest["saved_at"] = _now()
-        folder = store.write_version(Path(directory), writers, manifest)
+        directory = Path(directory)
+        if expected is _AUTO:
+            mine = self._origin is not None and self._origin[0] == str(directory.resolve())
+            expected = self._origin[1] if mine else store.ANY_VERSION
+        folder = store.write_version(directory, writers, manifest, expected=expected)
         written = json.loads((folder / store.MANIFEST).read_text())
         self._info.update(files=written["files"], saved_at=manifest["saved_at"], directory=str(directory))
+        self._origin = (str(directory.resolve()), folder.name)
         return folder
 
     @classmethod
@@ -534,10 +578,68 @@ class VectorIndex:
                      "recall", "saved_at", "files", "format_version")
         info = {k: manifest[k] for k in info_keys if k in manifest}
         info["directory"] = str(directory)
-        return cls(index=index, dim=dim, config=config, ids=ids, alive=alive, vectors=vectors,
-                   metadata=metadata, info=info, read_only=mmap)
+        loaded = cls(index=index, dim=dim, config=config, ids=ids, alive=alive, vectors=vectors,
+                     metadata=metadata, info=info, read_only=mmap)
+        loaded._origin = (str(directory.resolve()), folder.name)
+        return loaded
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as handle:
         np.save(handle, np.asarray(array, dtype=np.float32))
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class IndexUpdate(Generic[T]):
+    index: VectorIndex | None  # the version now on disk (None: no index and nothing to create)
+    result: T | None  # what `change` returned
+    action: str  # "created" | "changed" | "unchanged"
+
+
+def update_index(directory: str | Path, change: Callable[[VectorIndex], T], *,
+                 create: Callable[[], VectorIndex | None] | None = None, retries: int = 3,
+                 lock_timeout: float = store.LOCK_TIMEOUT_S) -> IndexUpdate[T]:
+    """The one way to change a saved index: load its newest version, apply `change` (which mutates the
+    index and may return a result), save it with a compare-and-swap on the version read; when another
+    writer saved first, reload and apply `change` again. Nothing is saved if `change` changed no rows.
+    `create` builds the index when the folder holds none (returning None leaves it absent).
+
+    The first `retries` attempts hold no lock while `change` runs, so a slow change (a compact) never
+    blocks quick writers such as the server's /embed; the last attempt holds the folder's write lock
+    throughout, so a writer that keeps losing the race still finishes."""
+    directory = Path(directory)
+    if create is None and not store.is_index_dir(directory):
+        VectorIndex.load(directory)  # raises, naming the folder
+    attempt = 0
+    while True:
+        last = attempt >= retries
+        with store.write_lock(directory, lock_timeout) if last else nullcontext():
+            if store.is_index_dir(directory):
+                read = store.current_version(directory)
+                try:
+                    index, created = VectorIndex.load(directory), False
+                except (OSError, IndexCorruptError):
+                    if last or store.current_version(directory) == read:
+                        raise
+                    attempt += 1  # writers swapped twice while we read: our version was pruned under us
+                    continue
+            else:
+                index, created = create(), True
+                if index is None:
+                    return IndexUpdate(None, None, "unchanged")
+            before = index._changes
+            result = None if created else change(index)
+            if not created and index._changes == before:
+                return IndexUpdate(index, result, "unchanged")
+            try:
+                index.save(directory, expected=None if created else index.version)
+            except IndexConflictError as exc:
+                if last:
+                    raise
+                attempt += 1
+                log.info("%s; re-applying the change to the new version", exc)
+                continue
+            return IndexUpdate(index, result, "created" if created else "changed")

@@ -1,7 +1,7 @@
 """The catalog on disk: Parquet shards of series rows and of errors, written temp-then-rename.
 
 Layout of a catalog folder:
-  rows/part-<run>-<n>.parquet     one row per series (schema below + manifest extra columns)
+  rows/part-<run>-<n>.parquet     one row per series (schema below + manifest columns named by --keep-column)
   errors/part-<run>-<n>.parquet   path, stage, reason, severity, run_id
   catalog.json                    schema version and the history of runs
 A crash loses at most the shard being written; nothing half-written is ever read (readers skip
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from voxsearch.common.durable import atomic_write, atomic_write_text
 
 CATALOG_SCHEMA_VERSION = 1
 ROWS_DIR, ERRORS_DIR, META_FILE = "rows", "errors", "catalog.json"
@@ -62,7 +62,7 @@ def now_utc() -> dt.datetime:
 
 
 def rows_table(rows: list[dict]) -> pa.Table:
-    """Known columns typed by SCHEMA; manifest extras appended as strings."""
+    """Known columns typed by SCHEMA; kept manifest columns (--keep-column) appended as strings."""
     extras = sorted({k for r in rows for k in r} - set(SCHEMA.names))
     fields = list(SCHEMA) + [pa.field(k, pa.string()) for k in extras]
     return pa.Table.from_pylist(rows, schema=pa.schema(fields, metadata={"voxsearch_schema_version": str(CATALOG_SCHEMA_VERSION)}))
@@ -71,9 +71,7 @@ def rows_table(rows: list[dict]) -> pa.Table:
 def _write_atomic(table: pa.Table, folder: Path, run_id: str, seq: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"part-{run_id}-{seq:05d}.parquet"
-    tmp = folder / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, final)
+    atomic_write(final, lambda fh: pq.write_table(table, fh, compression="zstd"))
     return final
 
 
@@ -114,9 +112,7 @@ class CatalogWriter:
         meta = read_meta(self.root)
         meta["schema_version"] = CATALOG_SCHEMA_VERSION
         meta.setdefault("runs", []).append({"run_id": self.run_id, **summary})
-        tmp = self.root / f".{META_FILE}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp, self.root / META_FILE)
+        atomic_write_text(self.root / META_FILE, json.dumps(meta, indent=1, default=str))
 
 
 def read_meta(root: Path) -> dict:

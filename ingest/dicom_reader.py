@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from voxsearch.ingest.checks import check_budget, check_finite
+from voxsearch.ingest.deid import DICOM_IDENTIFIER_KEYWORDS
 from voxsearch.ingest.errors import IngestError
 from voxsearch.ingest.volume import HU, RAW, Volume, orientation_code, ras_buffer, spacing_of
 
@@ -105,7 +107,9 @@ def scan_series(path: Path) -> tuple[list[SeriesInfo], list[tuple[str, str]]]:
                     body_part=_text(ds, "BodyPartExamined"),
                     study_date=_text(ds, "StudyDate"),
                     identifiers={
-                        k: _text(ds, k) for k in ("PatientID", "PatientName", "PatientBirthDate", "IssuerOfPatientID")
+                        # multi-valued ones joined by DICOM's own delimiter, which scrub splits on
+                        k: "\\".join(map(str, v)) if isinstance(v := ds.get(k), MultiValue) else _text(ds, k)
+                        for k in DICOM_IDENTIFIER_KEYWORDS
                     },
                 )
             info.files.append(name)

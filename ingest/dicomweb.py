@@ -1,10 +1,10 @@
 """A PACS as an archive: QIDO-RS lists series, WADO-RS fetches them into a local de-identified mirror.
 
 The mirror is an ordinary folder of DICOM series, so the folder reader (and everything after it) gives the
-same tensor for a series whether it came from a PACS or a disk. Identifiers are scrubbed before a file
-touches the disk: PatientID is replaced by its salted hash (studies of one patient still group and split
-together), names, birth dates and accession numbers are removed. Credentials come from the environment
-or a file, never from the command line or a URL, and are never logged.
+same tensor for a series whether it came from a PACS or a disk. Every instance is de-identified before it
+touches the disk (DICOM PS3.15 Basic Profile, see `deidentify`); its UIDs are remapped as a function of the
+catalog's salt, so a series keeps one identity across rounds and the mirror never holds an original UID.
+Credentials come from the environment or a file, never from the command line or a URL, and are never logged.
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dicognito.anonymizer import Anonymizer
+from dicognito.datetimeanonymizer import DateTimeAnonymizer
+from dicognito.element_anonymizer import ElementAnonymizer
+from dicognito.randomizer import Randomizer
+from dicognito.uianonymizer import UIAnonymizer
+from pydicom.datadict import keyword_dict, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from voxsearch.common.durable import atomic_write_json, fsync_dir, fsync_tree
 from voxsearch.ingest.deid import salted_hash
 from voxsearch.ingest.errors import IngestError
 
@@ -29,14 +39,29 @@ ENV_USER = "VOXSEARCH_DICOMWEB_USER"
 ENV_PASSWORD = "VOXSEARCH_DICOMWEB_PASSWORD"
 ENV_AUTH_FILE = "VOXSEARCH_DICOMWEB_AUTH_FILE"
 
-# Direct identifiers dropped from every fetched instance (DICOM PS3.15 basic profile, the ones a CT/MR
-# series from a PACS carries in practice).
-_DROPPED = (
-    "PatientName", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
-    "AccessionNumber", "IssuerOfPatientID", "ReferringPhysicianName", "PerformingPhysicianName",
-    "OperatorsName", "InstitutionName", "InstitutionAddress", "MedicalRecordLocator", "PatientComments",
-)
+# De-identification follows DICOM PS3.15's Basic Application Level Confidentiality Profile (Table E.1-1) with
+# dicognito doing the replacing (UIDs, person names, IDs, dates; at every depth of every sequence) and
+# _ProfileStripper removing what dicognito keeps and the profile does not. Burned-in text in the pixel
+# data is NOT removed (no Clean Pixel Data Option): a scanner that burns a name into the image puts it in
+# the mirror. BurnedInAnnotation is kept as the source set it.
+#
+# Every free-text value goes: descriptions, comments, protocol and station names, serial numbers, the
+# institution, AE titles, ages. The profile removes nearly all of these one by one; removing them by VR
+# also catches the ones a vendor or a newer edition of the standard adds.
+_FREE_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "UR", "AE", "AS", "UN"})
+# Pseudonymised by dicognito instead of removed: the same original gives the same pseudonym, so one
+# patient keeps one PatientID and the catalog still groups (and splits) their studies together.
+_PSEUDONYMISED = frozenset(keyword_dict[k] for k in ("PatientID", "AccessionNumber", "StudyID"))
+# Not free text, but removed or emptied by the profile, where dicognito would keep or only shift them.
+_REMOVED = frozenset(keyword_dict[k] for k in (
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientSize", "PatientWeight", "LastMenstrualDate",
+    "PregnancyStatus", "SmokingStatus", "IconImageSequence", "OriginalAttributesSequence",
+    "ModifiedAttributesSequence", "RequestAttributesSequence", "ReferencedPatientSequence",
+    "ReferencedPatientAliasSequence", "ReferencedStudySequence", "ReferencedPerformedProcedureStepSequence",
+    "DigitalSignaturesSequence", "MACParametersSequence", "EncryptedAttributesSequence", "DataSetTrailingPadding",
+))
+# dicognito's own range of shifts (2 months to 2 years back).
+_MIN_SHIFT_HOURS, _MAX_SHIFT_HOURS = 62 * 24, 730 * 24
 _QIDO_SERIES_FIELDS = ("0020000D", "0020000E", "00080060", "00201209", "00080020")
 
 
@@ -61,9 +86,26 @@ class DicomWebConfig:
     salt: str = ""
 
 
+def _seed(salt: str) -> str:
+    return salted_hash(salt, "dicognito-seed", "", length=64)
+
+
+def mirrored_uid(salt: str, uid: str) -> str:
+    """The UID the mirror writes in place of `uid`: a function of the salt alone (the one dicognito applies
+    inside `deidentify`), so the same source UID maps to the same new one in every round and process."""
+    element = DataElement(keyword_dict["SeriesInstanceUID"], "UI", uid)
+    UIAnonymizer(Randomizer(_seed(salt)))(Dataset(), element)
+    return element.value
+
+
+def _study_key(salt: str, study_uid: str) -> str:
+    return salted_hash(salt, "study", mirrored_uid(salt, study_uid))
+
+
 @dataclass(frozen=True)
 class RemoteSeries:
-    """One series as QIDO lists it. The UIDs stay in memory; only their hashes are stored or logged."""
+    """One series as QIDO lists it. The UIDs stay in memory; only hashes of their mirrored UIDs are stored
+    or logged."""
 
     study_uid: str
     series_uid: str
@@ -73,12 +115,14 @@ class RemoteSeries:
 
     @property
     def key(self) -> str:
-        """The catalog's series_id of this series."""
-        return salted_hash(self.salt, "series", self.series_uid)
+        """The catalog's series_id of this series: ingest hashes the SeriesInstanceUID it reads from the
+        mirrored files, which is the remapped one."""
+        return salted_hash(self.salt, "series", mirrored_uid(self.salt, self.series_uid))
 
     @property
     def study_key(self) -> str:
-        return salted_hash(self.salt, "study", self.study_uid)
+        """The catalog's study_ref of this series' study."""
+        return _study_key(self.salt, self.study_uid)
 
 
 class PacsError(IngestError):
@@ -172,7 +216,7 @@ def list_series(client, config: DicomWebConfig) -> list[RemoteSeries]:
         series_filters = {"Modality": config.modality} if config.modality else {}
         listed = _retrying(
             config,
-            f"study {salted_hash(config.salt, 'study', study_uid)}",
+            f"study {_study_key(config.salt, study_uid)}",
             lambda: client.search_for_series(
                 study_uid, fields=_QIDO_SERIES_FIELDS, search_filters=series_filters, get_remaining=True
             ),
@@ -191,15 +235,65 @@ def list_series(client, config: DicomWebConfig) -> list[RemoteSeries]:
     return out
 
 
-def scrub(ds, salt: str) -> None:
-    """Remove direct identifiers in place; PatientID becomes its salted hash."""
-    for keyword in _DROPPED:
-        if keyword in ds:
-            delattr(ds, keyword)
-    if "PatientID" in ds:
-        ds.PatientID = salted_hash(salt, "patient", str(ds.PatientID))
-    ds.remove_private_tags()
+class _ProfileStripper(ElementAnonymizer):
+    """Removes, at any depth, what the profile removes and dicognito would keep (see _FREE_TEXT_VRS)."""
+
+    def __call__(self, dataset, data_element) -> bool:
+        tag = data_element.tag
+        if (tag.is_private or tag in _REMOVED
+                or (tag.group & 0xFF00) in (0x5000, 0x6000)  # curves and overlays
+                or (data_element.VR in _FREE_TEXT_VRS and tag not in _PSEUDONYMISED)):
+            del dataset[tag]
+            return True
+        return False
+
+    def describe_actions(self):
+        yield "Remove private elements, curves (50xx) and overlays (60xx)"
+        yield f"Remove {', '.join(sorted(_FREE_TEXT_VRS))} elements but PatientID, AccessionNumber and StudyID"
+        yield from (f"Remove {keyword_for_tag(tag)}" for tag in sorted(_REMOVED))
+
+
+class _PatientDateShift(DateTimeAnonymizer):
+    """dicognito's date shift with an offset of the patient's; a date it cannot parse cannot be shifted, so it
+    goes (a malformed date must not keep a whole series out of the mirror)."""
+
+    def __call__(self, dataset, data_element) -> bool:
+        try:
+            return super().__call__(dataset, data_element)
+        except ValueError:
+            del dataset[data_element.tag]
+            return True
+
+
+def _date_shift_hours(salt: str, ds) -> int:
+    """One offset per patient, derived from the salt: every study of a patient moves by the same amount, in
+    any round, so intervals between them survive."""
+    pid, issuer = str(ds.get("PatientID") or ""), str(ds.get("IssuerOfPatientID") or "")
+    patient = (f"{issuer}/{pid}" if issuer else pid) if pid else f"study:{ds.get('StudyInstanceUID', '')}"
+    span = _MAX_SHIFT_HOURS - _MIN_SHIFT_HOURS
+    return -(_MIN_SHIFT_HOURS + int(salted_hash(salt, "date-shift", patient), 16) % span)
+
+
+def deidentify(ds, salt: str) -> None:
+    """De-identify one instance in place to the Basic Profile with the Retain Longitudinal Temporal Information
+    with Modified Dates option. Every replacement is a function of the salt and the original value, so a
+    series fetched again writes the same UIDs and pseudonyms. Burned-in pixel text is not removed."""
+    from pydicom.sr.codedict import codes  # 0.4 s to import: only where instances are written
+
+    anonymizer = Anonymizer(seed=_seed(salt))
+    anonymizer.add_element_handler(_PatientDateShift(_date_shift_hours(salt, ds)))
+    # Added last, so it runs first: what goes is not worth pseudonymising.
+    anonymizer.add_element_handler(_ProfileStripper())
+    anonymizer.anonymize(ds)
     ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = ["DICOGNITO", "BASIC PROFILE; DATES SHIFTED; PIXELS NOT CLEANED"]
+    methods = []
+    for code in (codes.DCM.BasicApplicationConfidentialityProfile,
+                 codes.DCM.RetainLongitudinalTemporalInformationModifiedDatesOption):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+        methods.append(item)
+    ds.DeidentificationMethodCodeSequence = methods
 
 
 def fetch_series(client, series: RemoteSeries, dest: Path, config: DicomWebConfig) -> int:
@@ -222,12 +316,18 @@ def fetch_series(client, series: RemoteSeries, dest: Path, config: DicomWebConfi
     staging = Path(tempfile.mkdtemp(prefix=f".{series.key}.", dir=dest.parent))
     try:
         for i, ds in enumerate(datasets):
-            scrub(ds, config.salt)
+            try:
+                deidentify(ds, config.salt)
+            except Exception as exc:
+                # Its message may quote a header value: name the failure by type only, and write nothing.
+                raise PacsError(f"{what}: an instance could not be de-identified ({type(exc).__name__})") from None
             ds.save_as(staging / f"{i:05d}.dcm", enforce_file_format=True)
+        fsync_tree(staging)
         old = dest.with_name(dest.name + ".old")
         if dest.exists():
             dest.rename(old)
         staging.rename(dest)
+        fsync_dir(dest.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -266,9 +366,8 @@ class Mirror:
 
     def _save(self, state: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        os.replace(tmp, self.state_path)
+        # fsync before the rename: after a crash the old state or the new one, never an empty file.
+        atomic_write_json(self.state_path, state, indent=1, sort_keys=True)
 
     def present(self) -> set[str]:
         if not self.series_dir.is_dir():

@@ -1,7 +1,10 @@
 """Find what to ingest in an archive: manifest rows, M3D_Cap.json entries, or a folder walk.
 
 Produces plain JSON-able work items (one per file or DICOM container). Manifest identifier
-columns are hashed here, in the driver, so no identifier travels to the workers.
+columns are hashed here, in the driver; their values stay in the item's "identifiers" only so
+reports and messages can be scrubbed of them (run_ingest seals them before any worker sees them).
+Catalog columns are an allow-list: other manifest columns go in only when named with
+--keep-column (never an identifier column), and scrubbed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voxsearch.ingest.deid import IDENTIFIER_COLUMNS, PATIENT_COLUMNS, salted_hash
+from voxsearch.ingest.catalog import SCHEMA
+from voxsearch.ingest.deid import column_key, is_identifier_column, is_patient_column, salted_hash, scrub
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +62,44 @@ def _read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def _item(source: Path, fmt: str, entry: dict, salt: str) -> dict:
-    meta = {}
-    extras = {}
+def keep_columns(names) -> frozenset[str]:
+    """--keep-column names as catalog column names; identifier and catalog columns are refused."""
+    kept = set()
+    for name in names or ():
+        key = column_key(name)
+        if not key:
+            raise ValueError(f"--keep-column {name!r}: not a column name")
+        if is_identifier_column(name):
+            raise ValueError(f"--keep-column {name!r}: identifies a person (DICOM PS3.15) and is never copied "
+                             "into the catalog; it is only used to scrub reports")
+        if key in KNOWN_COLUMNS or key in SCHEMA.names:
+            raise ValueError(f"--keep-column {name!r}: already a catalog column")
+        kept.add(key)
+    return frozenset(kept)
+
+
+def _item(source: Path, fmt: str, entry: dict, salt: str, keep: frozenset = frozenset()) -> dict:
+    meta, extras, identifiers = {}, {}, []
     patient_value = None
     for key, value in entry.items():
-        key_l = key.strip().lower()
         value = _clean(value)
-        if key_l in PATIENT_COLUMNS and value is not None and patient_value is None:
-            patient_value = str(value)
-        if key_l in IDENTIFIER_COLUMNS or key_l == "path" or key_l.startswith("_"):
+        if is_identifier_column(key):
+            if value is not None:
+                identifiers.append(str(value))
+                if patient_value is None and is_patient_column(key):
+                    patient_value = str(value)
             continue
-        if key_l in KNOWN_COLUMNS:
-            meta[key_l] = value
-        elif value is not None:
-            extras[key_l] = str(value)
+        name = column_key(key)
+        if str(key).strip().startswith("_") or name == "path":
+            continue
+        if name in KNOWN_COLUMNS:
+            meta[name] = value
+        elif name in keep and value is not None:
+            extras[name] = str(value)
+    # Scrubbed here already, so what travels to the workers holds no identifier the driver knows of.
+    if meta.get("report") is not None:
+        meta["report"] = scrub(str(meta["report"]), identifiers)
+    extras = {k: scrub(v, identifiers) for k, v in extras.items()}
     if meta.get("split") is not None:
         split = SPLIT_ALIASES.get(str(meta["split"]).strip().lower())
         meta["split"] = split
@@ -86,6 +113,7 @@ def _item(source: Path, fmt: str, entry: dict, salt: str) -> dict:
         "meta": meta,
         "extras": extras,
         "patient_key": salted_hash(salt, "patient", patient_value) if patient_value else None,
+        "identifiers": identifiers,
     }
 
 
@@ -137,7 +165,20 @@ def _m3d_items(json_path: Path, salt: str, out: Discovery) -> None:
             out.items.append(_item(image, fmt, {"split": split, "report": report}, salt))
 
 
-def discover(archive: Path, salt: str, manifest: Path | None = None) -> Discovery:
+def _report_columns(manifest: Path, rows: list[dict], keep: frozenset) -> None:
+    """Say once which manifest columns stay out of the catalog (names only, never values)."""
+    columns = list(rows[0]) if rows else []
+    present = {column_key(c) for c in columns}
+    dropped = [c for c in columns if not is_identifier_column(c) and not str(c).strip().startswith("_")
+               and column_key(c) not in KNOWN_COLUMNS | keep | {"path"}]
+    if dropped:
+        log.info("%s: columns not copied into the catalog (name one with --keep-column to keep it): %s",
+                 manifest.name, ", ".join(dropped))
+    for name in sorted(keep - present):
+        log.warning("%s: --keep-column %s: the manifest has no such column", manifest.name, name)
+
+
+def discover(archive: Path, salt: str, manifest: Path | None = None, keep: frozenset = frozenset()) -> Discovery:
     archive = Path(archive).resolve()
     out = Discovery()
     if not archive.exists():
@@ -147,7 +188,9 @@ def discover(archive: Path, salt: str, manifest: Path | None = None) -> Discover
         return out
     manifest = manifest or next((archive / n for n in MANIFEST_NAMES if (archive / n).is_file()), None)
     if manifest is not None:
-        for entry in _read_manifest(Path(manifest)):
+        entries = _read_manifest(Path(manifest))
+        _report_columns(Path(manifest), entries, keep)
+        for entry in entries:
             rel = _clean(entry.get("path"))
             source = (Path(manifest).parent / str(rel)).resolve() if rel else None
             if source is None or not source.exists():
@@ -157,7 +200,7 @@ def discover(archive: Path, salt: str, manifest: Path | None = None) -> Discover
             if fmt is None:
                 out.errors.append({"path": str(source), "stage": "discover", "reason": "unsupported file type"})
                 continue
-            out.items.append(_item(source, fmt, entry, salt))
+            out.items.append(_item(source, fmt, entry, salt, keep))
         for cap in sorted(archive.rglob(M3D_NAME)):
             _m3d_items(cap, salt, out)
     else:

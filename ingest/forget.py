@@ -6,21 +6,18 @@ shard either old or new; the caller recomputes what is still to remove, which ma
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from voxsearch.common.durable import atomic_write
 from voxsearch.ingest.catalog import ROWS_DIR, _shards
 
 
 def _replace(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: pq.write_table(table, fh, compression="zstd"))
 
 
 def drop_rows(shards, column: str, ids, write=_replace) -> int:

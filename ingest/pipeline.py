@@ -17,8 +17,8 @@ from pathlib import Path
 
 from voxsearch.ingest.catalog import CatalogWriter, read_all_rows
 from voxsearch.ingest.checks import DEFAULT_MAX_VOXELS
-from voxsearch.ingest.deid import load_or_create_salt
-from voxsearch.ingest.discover import discover
+from voxsearch.ingest.deid import IdentifierSeal, load_or_create_salt
+from voxsearch.ingest.discover import discover, keep_columns
 from voxsearch.ingest.preprocess import PreprocessConfig
 from voxsearch.ingest.worker import ItemProcessor
 
@@ -42,9 +42,12 @@ class IngestConfig:
     # Only these discovered inputs (files or series folders) are read; the caller knows the rest is
     # unchanged (a PACS mirror knows what it fetched), which spares re-reading a whole archive to hash it.
     only: tuple[Path, ...] | None = None
+    # Manifest columns copied into the catalog besides the known ones (scrubbed; never identifiers).
+    keep_columns: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.archive, self.out = Path(self.archive), Path(self.out)
+        self.keep_columns = tuple(sorted(keep_columns(self.keep_columns)))
         if self.only is not None:
             self.only = tuple(Path(p).resolve() for p in self.only)
         if self.engine not in ("ray", "local"):
@@ -126,12 +129,15 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     salt = load_or_create_salt(out, cfg.salt)
     writer = CatalogWriter(out, run_id, shard_rows=cfg.shard_rows)
     summary = IngestSummary(catalog=out, run_id=run_id)
-    found = discover(cfg.archive, salt, manifest=cfg.manifest)
+    found = discover(cfg.archive, salt, manifest=cfg.manifest, keep=frozenset(cfg.keep_columns))
     if cfg.only is not None:
         wanted = {str(p) for p in cfg.only}
         found.items = [item for item in found.items if item["source_path"] in wanted]
         found.errors = [err for err in found.errors if err["path"] in wanted]
     summary.discovered = len(found.items)
+    seal = IdentifierSeal()
+    items = [{**{k: v for k, v in item.items() if k != "identifiers"},
+              "sealed_identifiers": seal.seal(item.get("identifiers"))} for item in found.items]
     failures: Counter = Counter()
     failed_paths: set = set()
     for err in found.errors:
@@ -141,11 +147,12 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     existing = read_all_rows(out)
     known = set(existing.column("content_sha256").to_pylist()) if existing.num_rows else set()
     ctx = {"salt": salt, "known_hashes": sorted(known), "max_voxels": cfg.max_voxels, "run_id": run_id,
-           "preprocess": cfg.check_preprocess.to_dict() if cfg.check_preprocess else None}
-    log.info("ingest %s: %d inputs, %d already catalogued series", cfg.archive, len(found.items), len(known))
+           "preprocess": cfg.check_preprocess.to_dict() if cfg.check_preprocess else None,
+           "identifier_key": seal.key}
+    log.info("ingest %s: %d inputs, %d already catalogued series", cfg.archive, len(items), len(known))
     seen = set(known)
-    results = _results_ray(found.items, ctx, cfg) if cfg.engine == "ray" and found.items else _results_local(found.items, ctx)
-    bar = tqdm(total=len(found.items), desc="ingest", unit="input", disable=not cfg.progress)
+    results = _results_ray(items, ctx, cfg) if cfg.engine == "ray" and items else _results_local(items, ctx)
+    bar = tqdm(total=len(items), desc="ingest", unit="input", disable=not cfg.progress)
     try:
         for result_list in results:
             for res in result_list:

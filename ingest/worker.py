@@ -1,7 +1,9 @@
 """Turn one work item (a file or a DICOM container) into catalog rows and error records.
 
 Runs inside Ray Data actors (or in-process for the local engine). Every failure becomes a
-record naming the input and the stage; messages are scrubbed of the header identifiers.
+record naming the input and the stage. Reports, kept manifest columns and messages are scrubbed
+of every identifier known for the study: the manifest row's (sealed by the driver) and the
+DICOM headers'.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from pathlib import Path
 
 from voxsearch.ingest.catalog import CATALOG_SCHEMA_VERSION, now_utc
-from voxsearch.ingest.deid import salted_hash, scrub
+from voxsearch.ingest.deid import IdentifierSeal, salted_hash, scrub
 from voxsearch.ingest.errors import IngestError
 from voxsearch.ingest.reports import keep_findings, report_beside
 
@@ -74,8 +76,9 @@ def auto_split(patient_key: str, shares=(0.8, 0.1, 0.1)) -> str:
 
 class ItemProcessor:
     def __init__(self, salt: str, known_hashes=(), max_voxels: int | None = None, preprocess: dict | None = None,
-                 run_id: str = ""):
+                 run_id: str = "", identifier_key: str | None = None):
         self.salt = salt
+        self.seal = IdentifierSeal(identifier_key)
         self.known = set(known_hashes)
         self.max_voxels = max_voxels
         self.preprocess = preprocess
@@ -95,15 +98,16 @@ class ItemProcessor:
     def __call__(self, item: dict) -> list[dict]:
         """Results: {"kind": "row"|"skip"|"error"|"warning", ...}."""
         source = Path(item["source_path"])
+        ids = self.seal.open(item.get("sealed_identifiers"))
         try:
             if item["source_format"] == "dicom":
-                return self._dicom(item, source)
-            return self._single(item, source)
+                return self._dicom(item, source, ids)
+            return self._single(item, source, ids)
         except Exception as exc:  # a bug or an unforeseen format problem: record it, keep going
             log.warning("unexpected failure on %s: %s", source, type(exc).__name__)
-            return [_error(source, "read", f"{type(exc).__name__}: {exc}")]
+            return [_error(source, "read", scrub(f"{type(exc).__name__}: {exc}", ids))]
 
-    def _single(self, item: dict, source: Path) -> list[dict]:
+    def _single(self, item: dict, source: Path, ids: list[str]) -> list[dict]:
         from voxsearch.ingest.readers import read_volume_path
 
         digest = _sha256_files([source])
@@ -114,26 +118,27 @@ class ItemProcessor:
             volume = read_volume_path(source, modality=meta.get("modality"), max_voxels=self.max_voxels,
                                       fmt=item["source_format"])
         except IngestError as exc:
-            return [_error(source, exc.stage, str(exc))]
+            return [_error(source, exc.stage, scrub(str(exc), ids))]
         rel_key = str(source)
         study_ref = meta.get("study_ref") or salted_hash(self.salt, "study", rel_key)
         row = self._row(item, source, None, digest, volume, study_ref, salted_hash(self.salt, "series", rel_key))
-        return self._finish(row, volume, item, identifiers=())
+        return self._finish(row, volume, item, identifiers=ids)
 
-    def _dicom(self, item: dict, source: Path) -> list[dict]:
+    def _dicom(self, item: dict, source: Path, row_ids: list[str]) -> list[dict]:
         from voxsearch.ingest.dicom_reader import read_dicom, scan_series
 
         try:
             series, bad = scan_series(source)
         except IngestError as exc:
-            return [_error(source, exc.stage, str(exc))]
-        results = [_error(source, "read", f"{name}: {reason}") for name, reason in bad]
+            return [_error(source, exc.stage, scrub(str(exc), row_ids))]
+        results = [_error(source, "read", scrub(f"{name}: {reason}", row_ids)) for name, reason in bad]
         if not series and not bad:
-            results.append(_error(source, "read", f"{source}: no DICOM series found"))
+            results.append(_error(source, "read", scrub(f"{source}: no DICOM series found", row_ids)))
         elif not series:
-            results.append(_error(source, "read", f"{source}: no readable DICOM series ({len(bad)} bad files)"))
+            results.append(_error(source, "read", scrub(f"{source}: no readable DICOM series ({len(bad)} bad files)",
+                                                        row_ids)))
         for info in series:
-            ids = [v for v in info.identifiers.values() if v]
+            ids = row_ids + [v for v in info.identifiers.values() if v]
             try:
                 if source.is_dir():
                     digest = _sha256_files([source / n for n in info.files])
@@ -212,13 +217,16 @@ class ItemProcessor:
         except IngestError as exc:
             return [_error(source, exc.stage, scrub(str(exc), identifiers))]
         results = []
+        for column in item.get("extras") or {}:
+            row[column] = scrub(row[column], identifiers)
         raw_report = item["meta"].get("report")
         if raw_report is None:
             raw_report = report_beside(Path(source))
         report = scrub(keep_findings(raw_report), identifiers)
         if report is None:
             results.append({"kind": "warning", "path": source, "stage": "report",
-                            "reason": f"{source}: no report (manifest column empty, no text file beside it)"})
+                            "reason": scrub(f"{source}: no report (manifest column empty, no text file beside it)",
+                                            identifiers)})
         row["report"] = report
         results.append({"kind": "row", "row": row})
         return results

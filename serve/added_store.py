@@ -2,20 +2,22 @@
 
 The original upload (DICOM headers and all) is deleted after processing; what is kept is only the voxel
 array and its spacing, rewritten as a plain NIfTI with no header text. Rows use the catalog's column
-names so the rest of the server treats both sources alike. Every write goes to a temp file first and
-is renamed into place, under a file lock shared by all replicas.
+names so the rest of the server treats both sources alike. Every write goes to a temp file that is
+fsynced before it is renamed into place (voxsearch.common.durable), under a file lock shared by all
+replicas: a 201 answered before a power cut is still there after it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
-import tempfile
+import gzip
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from voxsearch.common.durable import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -74,25 +76,17 @@ class AddedStudies:
             affine = np.diag([float(spacing[0]), float(spacing[1]), float(spacing[2]), 1.0])
             image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
             image.header.set_xyzt_units("mm")
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=self.volumes)
-            os.close(fd)
-            try:
-                nib.save(image, tmp)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+
+            def write_volume(fh):
+                # filename="" and mtime=0: the gzip header would otherwise carry the temp file's name and time.
+                with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz:
+                    image.to_file_map({"image": nib.FileHolder(fileobj=gz)})
+
+            atomic_write(target, write_volume)
             stored = {**row, "source_path": str(target), "source_format": "nifti", "schema_version": SCHEMA_VERSION}
             rows = dict(self.rows())
             rows[stored["series_id"]] = stored
             table = pa.Table.from_pylist(list(rows.values()))
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=self.directory)
-            os.close(fd)
-            try:
-                pq.write_table(table, tmp)
-                os.replace(tmp, self.table_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.table_path, lambda fh: pq.write_table(table, fh))
             self._stamp = None
             return stored

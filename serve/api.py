@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,11 +24,15 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 
 from voxsearch.common import __version__
-from voxsearch.serve.auth import KeyChecker
-from voxsearch.serve.config import ServeConfig
+from voxsearch.index.errors import IndexConflictError, IndexLockTimeout
+from voxsearch.ingest.deid import scrub
+from voxsearch.serve.auth import KeyChecker, LoopbackOnly
+from voxsearch.serve.config import ServeConfig, is_loopback
+from voxsearch.serve.errors import PublicError, cause_of, describe_failure, new_error_id, redact_paths, scrub_library_logs
+from voxsearch.serve.limits import RequestBodyLimit
 from voxsearch.serve.metrics import RequestMetrics
 from voxsearch.serve.public import normalise_filters, public_metadata, valid_series_id
-from voxsearch.serve.render import CT_WINDOWS, PLANES
+from voxsearch.serve.render import CT_WINDOWS, PLANES, RenderError
 from voxsearch.serve.schemas import (
     EmbedResponse,
     ErrorResponse,
@@ -38,14 +43,13 @@ from voxsearch.serve.schemas import (
     StudyResponse,
     TextSearchRequest,
 )
-from voxsearch.serve.uploads import UploadError, clean_message, describe, prepare_upload, save_upload
+from voxsearch.serve.studies import StudyNotFound
+from voxsearch.serve.uploads import DecodeSlots, UploadError, describe, prepare_upload, save_upload
 
 log = logging.getLogger("voxsearch.serve")
 STATIC_DIR = Path(__file__).with_name("static")
 UPLOAD_ROUTES = ("/api/v1/search/scan", "/api/v1/report", "/api/v1/embed")
 BODY_PART = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
-# Room for multipart framing around the file when comparing Content-Length with the upload limit.
-MULTIPART_SLACK = 64 * 1024
 BACKEND_TIMEOUT_S = 120.0
 
 DESCRIPTION = """Search an archive of 3D scans (CT, MRI) by free text or by example scan, add new studies,
@@ -68,24 +72,43 @@ class _Runtime:
     """Per-replica state the middleware reads (set by the ingress constructor)."""
 
     keys = KeyChecker([], required=False)
+    # Host/Origin checks of a loopback server without keys; None where keys (or a proxy) decide.
+    local: LoopbackOnly | None = None
     limits = None
     metrics = RequestMetrics()
+    # The server's own folders, cut out of anything logged even where a message names them relatively.
+    roots: tuple[str, ...] = ()
 
 
-def _error(status: int, detail: str, error: str | None = None) -> JSONResponse:
+def _error(status: int, detail: str, error: str | None = None, error_id: str | None = None) -> JSONResponse:
     names = {400: "bad_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 411: "length_required",
-             413: "too_large", 415: "unsupported_media_type", 422: "unprocessable", 503: "unavailable"}
-    return JSONResponse({"error": error or names.get(status, "error"), "detail": detail}, status_code=status)
+             413: "too_large", 415: "unsupported_media_type", 422: "unprocessable", 500: "internal_error",
+             503: "unavailable"}
+    body = {"error": error or names.get(status, "error"), "detail": detail}
+    if error_id:
+        body["error_id"] = error_id
+    return JSONResponse(body, status_code=status)
+
+
+def _body_refused(status: int, upload: bool) -> None:
+    if upload:
+        _Runtime.metrics.reject_upload(status)
+
+
+# Added before `guard`, so it runs inside it: keys are checked first and its refusals are counted.
+app.add_middleware(RequestBodyLimit, limits=lambda: _Runtime.limits, upload_routes=UPLOAD_ROUTES,
+                   on_refuse=_body_refused)
 
 
 @app.middleware("http")
 async def guard(request: Request, call_next):
     started = time.perf_counter()
     path = request.url.path
-    if not _Runtime.keys.allows(path, request.headers):
+    refusal = _Runtime.local.refusal(request.headers) if _Runtime.local is not None else None
+    if refusal:
+        response = _error(403, refusal, "forbidden")
+    elif not _Runtime.keys.allows(path, request.headers):
         response = _error(401, "missing or invalid API key: send it in the X-API-Key header")
-    elif request.method == "POST" and path in UPLOAD_ROUTES and _Runtime.limits is not None:
-        response = _check_length(request) or await call_next(request)
     else:
         response = await call_next(request)
     route = getattr(request.scope.get("route"), "path", None) or ("/static" if path.startswith("/static/") else "unmatched")
@@ -93,34 +116,41 @@ async def guard(request: Request, call_next):
     return response
 
 
-def _check_length(request: Request) -> JSONResponse | None:
-    """Refuse an oversized upload from its Content-Length, before a byte of the body is read."""
-    length = request.headers.get("content-length")
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        return None  # id-only requests; FastAPI answers 422 for a missing form
-    if length is None:
-        return _error(411, "uploads need a Content-Length header (chunked uploads are not accepted)")
-    try:
-        n = int(length)
-    except ValueError:
-        return _error(400, "Content-Length is not a number")
-    if n > _Runtime.limits.max_upload_bytes + MULTIPART_SLACK:
-        _Runtime.metrics.reject_upload(413)
-        return _error(413, f"upload of {n / 1e6:.0f} MB exceeds the limit of {_Runtime.limits.max_upload_bytes / 1e6:.0f} MB")
-    return None
+def log_failure(what: str, exc: BaseException, identifiers=(), level: int = logging.WARNING) -> str:
+    """Log a failure under a new error id, its cause scrubbed (serve/errors.py); returns the id.
+
+    The one way this module logs an exception: its text may echo header values and server paths.
+    """
+    error_id = new_error_id()
+    log.log(level, "%s [error_id %s]: %s", what, error_id, describe_failure(exc, identifiers, _Runtime.roots))
+    return error_id
 
 
 @app.exception_handler(UploadError)
 async def _upload_error(request: Request, exc: UploadError):
     _Runtime.metrics.reject_upload(exc.status)
-    log.info("upload refused (%d): %s", exc.status, exc.message)
-    return _error(exc.status, exc.message)
+    # Our own text, naming the upload by kind and size; a path a check let through is cut all the same.
+    detail = redact_paths(exc.message, _Runtime.roots)
+    error_id = log_failure(f"upload refused ({exc.status})", exc, level=logging.INFO)
+    response = _error(exc.status, detail, error_id=error_id)
+    response.headers.update(exc.headers)  # Retry-After on a 503
+    return response
+
+
+@app.exception_handler(PublicError)
+async def public_error(request: Request, exc: PublicError):
+    if exc.upload:
+        _Runtime.metrics.reject_upload(exc.status)
+    level = logging.WARNING if exc.status >= 500 else logging.INFO
+    error_id = log_failure(f"request failed ({exc.status})", exc.cause or exc, exc.identifiers, level)
+    return _error(exc.status, exc.message, error_id=error_id)
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException):
-    return _error(exc.status_code, str(exc.detail))
+    response = _error(exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 @app.exception_handler(RequestValidationError)
@@ -132,14 +162,23 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return _error(422, "; ".join(parts) or "invalid request", "invalid_request")
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """The user-level exception inside a Ray task error."""
-    return getattr(exc, "cause", None) or exc
+def backend_failure(exc: BaseException) -> Exception:
+    """The HTTP error for a failed backend call.
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(_cause(exc)).strip().splitlines()
-    return text[-1] if text else exc.__class__.__name__
+    Only messages we wrote about what the client asked for pass through (an unknown study, a slice out
+    of range). Anything else comes from reading stored scans or from a library, so it may name server
+    paths or echo header values: the client gets the failure class and an error id.
+    """
+    cause = cause_of(exc)
+    if isinstance(cause, StudyNotFound):  # removed from the catalog since the request looked it up
+        return HTTPException(404, f"no study with series_id {cause.args[0]}")
+    if isinstance(cause, RenderError):
+        return HTTPException(400, str(cause))
+    if isinstance(cause, (IndexLockTimeout, IndexConflictError)):  # other writers kept the index busy
+        return HTTPException(503, "the index is busy with another writer; retry", headers={"Retry-After": "5"})
+    if isinstance(cause, (ValueError, KeyError)):
+        return PublicError(400, "the server could not read or process the stored data this request needs", exc)
+    return PublicError(500, "the server failed while processing this request", exc)
 
 
 def _thumbs(series_id: str) -> dict[str, str]:
@@ -175,10 +214,84 @@ def _stream_text(pieces, method: str) -> StreamingResponse:
                 for piece in pieces:
                     yield piece
         except Exception as exc:  # noqa: BLE001 - headers are sent; say it in the body instead
-            log.warning("report stream failed: %s", _first_line(exc))
-            yield f"\n[report generation failed: {_first_line(exc)}]"
+            yield f"\n[report generation failed; error id {log_failure('report stream failed', exc)}]"
 
     return StreamingResponse(body(), media_type="text/plain; charset=utf-8", headers={"X-Report-Method": method})
+
+
+@dataclass
+class DecodedUpload:
+    volume: Any
+    arrays: list[np.ndarray]  # one model input per requested preprocessing
+    what: str  # how messages name the upload (kind and size)
+    identifiers: tuple[str, ...]  # the patient identifiers its DICOM headers hold: scrub text with them
+
+
+async def read_upload(file, modality: str | None, configs: list, limits, upload_dir: str | None) -> DecodedUpload:
+    """Save, validate and decode an upload, then delete it.
+
+    A file that fails to decode answers 422 with the failure class only: reader messages echo header
+    values and paths, so they go to the log, scrubbed of them and of the upload's identifiers.
+    """
+    from voxsearch.ingest import preprocess_volume, read_volume_path
+    from voxsearch.ingest.dicom_reader import scan_series
+
+    if modality not in (None, "", "CT", "MR"):
+        raise UploadError(422, f"modality must be CT or MR, got {modality!r}")
+    workdir, path, size = await save_upload(file, limits, upload_dir)
+    upload = None
+    identifiers: list[str] = []  # filled before the pixels are decoded, so a failure's log line is scrubbed of them
+    try:
+        upload = await asyncio.to_thread(prepare_upload, workdir, path, size, limits)
+        what = describe(upload.kind, size)
+
+        def decode():
+            files = None
+            if upload.kind == "dicom-zip":
+                series, _ = scan_series(upload.path)
+                identifiers.extend(v for info in series for v in info.identifiers.values() if v)
+                # With one series, read it from this listing; otherwise the reader says what is wrong.
+                files = series[0].files if len(series) == 1 else None
+            volume = read_volume_path(upload.path, modality=modality or None, files=files, max_voxels=limits.max_voxels)
+            arrays = [preprocess_volume(volume, cfg, name="upload") for cfg in configs]
+            return volume, arrays
+
+        try:
+            volume, arrays = await asyncio.to_thread(decode)
+        except MemoryError:
+            raise UploadError(413, f"{what} is too large to decode on this server") from None
+        except Exception as exc:  # noqa: BLE001 - corrupt files raise anything; all are the client's input
+            kind = "a DICOM series" if upload.kind == "dicom-zip" else "a NIfTI volume"
+            raise PublicError(422, f"{what} could not be read as {kind}", exc, identifiers, upload=True) from None
+        log.info("upload decoded: %s, %d voxels, modality %s", upload.kind, upload.voxels, volume.modality)
+        return DecodedUpload(volume, arrays, what, tuple(identifiers))
+    finally:
+        if upload is not None:
+            upload.cleanup()
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def added_row(upload: DecodedUpload, report: str | None, body_part: str | None) -> dict[str, Any]:
+    """The catalog row of a study added through /embed, named by the hash of its voxels and spacing.
+
+    Its text is scrubbed of the identifiers the upload's own headers hold: a report sent with a scan
+    often names its patient.
+    """
+    volume = upload.volume
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
+    digest.update(np.asarray(volume.spacing, dtype=np.float64).round(4).tobytes())
+    content = digest.hexdigest()
+    return {
+        "series_id": f"api-{content[:24]}", "study_id": f"api-study-{content[:16]}", "modality": volume.modality,
+        "body_part": scrub(body_part, upload.identifiers), "split": "added", "abnormal": None,
+        "report": scrub(report, upload.identifiers),
+        "shape": [int(s) for s in volume.array.shape], "spacing": [float(s) for s in volume.spacing],
+        "orientation": "RAS", "content_sha256": content, "findings": None,
+    }
 
 
 @serve.deployment(name="Ingress")
@@ -195,8 +308,14 @@ class Ingress:
         self.studies = studies
         self.reporter = reporter
         self.limits = config.limits
+        # config.host and port are where the proxy really listens (app.start).
         _Runtime.keys = KeyChecker(config.resolved_api_keys(), config.keys_required())
+        _Runtime.local = None if config.keys_required() or not is_loopback(config.host) else LoopbackOnly(config.port)
         _Runtime.limits = config.limits
+        self.decode_slots = DecodeSlots(config.limits.max_concurrent_decodes)
+        _Runtime.roots = tuple(str(p) for p in (config.upload_dir, config.data_dir, config.catalog, config.index,
+                                                 config.checkpoint, config.report_model) if p)
+        scrub_library_logs()  # uploads are decoded here
         meta = read_clip_meta(config.checkpoint)
         self.finding_head = read_finding_head(config.checkpoint)
         image_size = tuple(meta.get("clip_config", {}).get("image_size") or ())
@@ -214,10 +333,10 @@ class Ingress:
     async def _call(self, response):
         try:
             return await asyncio.wait_for(response, BACKEND_TIMEOUT_S)
-        except (ValueError, KeyError) as exc:
-            raise HTTPException(400, _first_line(exc)) from None
         except asyncio.TimeoutError:
             raise HTTPException(503, "a backend deployment did not answer in time; retry") from None
+        except Exception as exc:  # noqa: BLE001 - every backend failure is answered by backend_failure
+            raise backend_failure(exc) from None
 
     async def capabilities(self) -> dict:
         if self._caps is None:
@@ -235,38 +354,9 @@ class Ingress:
             raise HTTPException(422, f"k must be between 1 and {self.limits.max_k}, got {k}")
         return k
 
-    async def _read_upload(self, file: UploadFile, modality: str | None, configs: list) -> tuple[Any, list[np.ndarray], str]:
-        """Save, validate and decode an upload, then delete it. Returns (Volume, model inputs, description)."""
-        from voxsearch.ingest import preprocess_volume, read_volume_path
-
-        if modality not in (None, "", "CT", "MR"):
-            raise UploadError(422, f"modality must be CT or MR, got {modality!r}")
-        workdir, path, size = await save_upload(file, self.limits, self.config.upload_dir)
-        upload = None
-        try:
-            upload = await asyncio.to_thread(prepare_upload, workdir, path, size, self.limits)
-            what = describe(upload.kind, size)
-
-            def decode():
-                volume = read_volume_path(upload.path, modality=modality or None, max_voxels=self.limits.max_voxels)
-                arrays = [preprocess_volume(volume, cfg, name="upload") for cfg in configs]
-                return volume, arrays
-
-            try:
-                volume, arrays = await asyncio.to_thread(decode)
-            except MemoryError:
-                raise UploadError(413, f"{what} is too large to decode on this server") from None
-            except Exception as exc:  # noqa: BLE001 - corrupt files raise anything; all are the client's input
-                raise UploadError(422, f"{what} could not be read as a scan: {clean_message(exc, upload)}") from None
-            log.info("upload decoded: %s, %d voxels, modality %s", upload.kind, upload.voxels, volume.modality)
-            return volume, arrays, what
-        finally:
-            if upload is not None:
-                upload.cleanup()
-            else:
-                import shutil
-
-                shutil.rmtree(workdir, ignore_errors=True)
+    async def _read_upload(self, file: UploadFile, modality: str | None, configs: list) -> DecodedUpload:
+        with self.decode_slots.claim():
+            return await read_upload(file, modality, configs, self.limits, self.config.upload_dir)
 
     async def _results(self, hits: list[dict], exclude: str | None, k: int) -> list[dict]:
         hits = [h for h in hits if h["id"] != exclude][:k]
@@ -281,8 +371,10 @@ class Ingress:
             results.append({
                 "rank": rank, "series_id": hit["id"], "score": round(float(hit["score"]), 6),
                 "report_excerpt": excerpt, "metadata": metadata,
-                # An index may hold vectors whose study this server cannot show (built from another
-                # catalog): say so instead of handing out links that 404.
+                # An index may hold vectors whose study this server cannot show: built from another
+                # catalog, or a study sync removed from the catalog before the index followed. Such a
+                # hit is kept, ranked, but marked (no links, no report excerpt: the catalog is what
+                # decides what may be shown), rather than dropped, so k and the scores stay the index's.
                 "thumbnails": _thumbs(hit["id"]) if known else None,
                 "url": f"/api/v1/studies/{quote(hit['id'], safe='')}" if known else None,
                 "predicted_findings": predicted.get(hit["id"]),
@@ -348,7 +440,9 @@ class Ingress:
             try:
                 components[name] = await asyncio.wait_for(response, 10)
             except Exception as exc:  # noqa: BLE001 - any failure means not ready
-                components[name] = {"error": _first_line(exc)}
+                # Public (probes need no key): the type only; the log has the rest under the id.
+                error_id = log_failure(f"readiness check of {name} failed", exc)
+                components[name] = {"error": type(cause_of(exc)).__name__, "error_id": error_id}
                 ok = False
         body = {"ready": ok, "components": components}
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -364,7 +458,7 @@ class Ingress:
             gauges.update(image_batches_total=stats["batches"], image_batch_size_mean=stats["mean_batch"])
         except Exception as exc:  # noqa: BLE001 - metrics stay available when a backend is down
             gauges["backend_up"] = 0
-            log.warning("metrics: backend query failed: %s", _first_line(exc))
+            log_failure("metrics: backend query failed", exc)
         else:
             gauges["backend_up"] = 1
         return PlainTextResponse(_Runtime.metrics.render(str(self.replica), gauges),
@@ -413,7 +507,7 @@ class Ingress:
         if (file is None) == (not series_id):
             raise HTTPException(422, "send exactly one of: file (an upload) or series_id (an indexed study)")
         if file is not None:
-            _, (volume,), _ = await self._read_upload(file, scan_modality, [self.preprocess])
+            (volume,) = (await self._read_upload(file, scan_modality, [self.preprocess])).arrays
             vector = await self._call(self.image.encode.remote(volume))
             exclude = None
         else:
@@ -435,6 +529,9 @@ class Ingress:
         try:
             slices = await self._call(self.studies.slices.remote(series_id))
         except HTTPException:
+            slices = {}
+        except PublicError as exc:  # the metadata is still worth showing without its pixels
+            log_failure(f"slices of study {series_id} unavailable", exc.cause or exc)
             slices = {}
         report = found.pop("report", None)
         found.pop("report_excerpt", None)
@@ -503,7 +600,7 @@ class Ingress:
         report_volume = None
         if file is not None:
             configs = [self.preprocess] + ([report_pp] if report_pp is not None and report_pp != self.preprocess else [])
-            _, arrays, _ = await self._read_upload(file, scan_modality, configs)
+            arrays = (await self._read_upload(file, scan_modality, configs)).arrays
             clip_volume = arrays[0]
             report_volume = arrays[-1]
             embedding = None if chosen == "generate" else await self._call(self.image.encode.remote(clip_volume))
@@ -550,12 +647,10 @@ class Ingress:
             raise HTTPException(422, f"report is over {self.limits.max_report_chars} characters")
         if body_part is not None and not BODY_PART.match(body_part):
             raise HTTPException(422, "body_part must be 1-64 letters, digits, spaces, '_' or '-'")
-        volume, (array,), what = await self._read_upload(file, scan_modality, [self.preprocess])
-        digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
-        digest.update(np.asarray(volume.spacing, dtype=np.float64).round(4).tobytes())
-        content = digest.hexdigest()
-        series_id = f"api-{content[:24]}"
+        upload = await self._read_upload(file, scan_modality, [self.preprocess])
+        volume, (array,) = upload.volume, upload.arrays
+        row = added_row(upload, report, body_part)
+        series_id = row["series_id"]
         known = await self._call(self.searcher.contains.remote([series_id]))
         if known.get(series_id) and await self._call(self.studies.has.remote(series_id)):
             info = await self._index_info()
@@ -565,16 +660,10 @@ class Ingress:
                 "index_size": info["size"], "metadata": _public_study(found), "thumbnails": _thumbs(series_id),
             }, status_code=200)
         vector = await self._call(self.image.encode.remote(array))
-        row = {
-            "series_id": series_id, "study_id": f"api-study-{content[:16]}", "modality": volume.modality,
-            "body_part": body_part, "split": "added", "abnormal": None, "report": report,
-            "shape": [int(s) for s in volume.array.shape], "spacing": [float(s) for s in volume.spacing],
-            "orientation": "RAS", "content_sha256": content, "findings": None,
-        }
         await self._call(self.studies.add.remote(row, volume.array, volume.spacing))
         index_meta = {k: row.get(k) for k in ("study_id", "modality", "body_part", "split", "abnormal")}
         result = await self._call(self.searcher.add.remote([series_id], vector[None], [index_meta]))
-        log.info("added study %s (%s) to index version %s", series_id, what, result["version"])
+        log.info("added study %s (%s) to index version %s", series_id, upload.what, result["version"])
         found = await self._call(self.studies.study.remote(series_id))
         return {"series_id": series_id, "duplicate": False, "index_version": result["version"],
                 "index_size": result["size"], "metadata": _public_study(found), "thumbnails": _thumbs(series_id)}

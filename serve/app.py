@@ -9,7 +9,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from voxsearch.serve.config import ServeConfig
+from voxsearch.serve.config import ServeConfig, ServeConfigError
 
 log = logging.getLogger("voxsearch.serve")
 
@@ -44,18 +44,27 @@ def build_app(config: ServeConfig):
     return Ingress.options(**d.ingress.serve_options()).bind(config, text, image, searcher, studies, reporter)
 
 
-def serve_http_port(default: int) -> int:
-    """The port Serve's HTTP proxy really listens on (an earlier serve.start in this cluster wins)."""
+def serve_http_bind() -> tuple[str, int]:
+    """Where Serve's HTTP proxy really listens: an instance already running in the cluster keeps its own
+    host and port whatever serve.start was asked for."""
     from ray.serve.context import _get_global_client
 
     try:
-        return int(_get_global_client().http_config.port)
-    except Exception:  # noqa: BLE001 - private API; fall back to what was asked for
-        return default
+        http = _get_global_client().http_config
+        return str(http.host), int(http.port)
+    except Exception as exc:  # noqa: BLE001 - private API: without it, where the proxy listens is unknown
+        raise ServeConfigError(
+            f"cannot tell where Serve's HTTP proxy listens ({exc.__class__.__name__}); "
+            "refusing to start without knowing whether API keys are needed"
+        ) from exc
 
 
 def start(config: ServeConfig, ray_address: str | None = None, ready_timeout_s: float = 300.0) -> str:
-    """Start (or update) the app and wait until /api/v1/ready answers 200; returns the base URL."""
+    """Start (or update) the app and wait until /api/v1/ready answers 200; returns the base URL.
+
+    Whether API keys are required is decided from where the proxy really listens (see
+    ServeConfig.bound_to), and the replicas get that address, so the loopback Host/Origin checks know it.
+    """
     from ray import serve
 
     from voxsearch.common.runtime import RayConfig, init_ray
@@ -63,12 +72,18 @@ def start(config: ServeConfig, ray_address: str | None = None, ready_timeout_s: 
     config.validate()
     init_ray(RayConfig(address=ray_address))
     serve.start(http_options={"host": config.host, "port": config.port})
-    port = serve_http_port(config.port)
+    config = config.bound_to(*serve_http_bind())
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    url = f"http://{host}:{port}"
+    url = f"http://{url_host(config.host)}:{config.port}"
     wait_ready(url, ready_timeout_s)
     return url
+
+
+def url_host(host: str) -> str:
+    """How a client on this machine reaches a proxy bound to `host`."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def wait_ready(url: str, timeout_s: float) -> None:
@@ -96,7 +111,11 @@ def stop(config: ServeConfig) -> None:
 def serve_until_stopped(config: ServeConfig, ray_address: str | None = None, exit_after: float | None = None,
                         banner=None) -> int:
     """Start the app, print where it is, block until Ctrl-C or `exit_after` seconds, then remove it."""
-    url = start(config, ray_address=ray_address)
+    try:
+        url = start(config, ray_address=ray_address)
+    except ServeConfigError as exc:
+        print(f"voxsearch serve: {exc}", flush=True)
+        return 2
     print(f"voxsearch is serving at {url}/  (API docs: {url}/api/v1/docs)", flush=True)
     if banner:
         banner(url)

@@ -7,13 +7,25 @@ Unknown keys are an error, so a typo in a config file never silently falls back 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind (or a host name in a request) reaches only this machine."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ServeConfigError(ValueError):
@@ -75,6 +87,14 @@ class Limits:
     max_zip_uncompressed_bytes: int = 4 * 1024**3
     # A ratio above this per entry is treated as a zip bomb (DICOM compresses ~2-5x; bombs ~1000x).
     max_zip_ratio: float = 200.0
+    # Voxel data a header declares (voxels x bytes per voxel; DICOM: rows x columns x frames x bits): a
+    # small .nii.gz can declare gigabytes. float32 fits at max_voxels; float64 at half of it.
+    max_decoded_bytes: int = 1600 * 1024**2
+    # Uploads decoded at once per ingress replica; one more is answered 503 with Retry-After, not queued:
+    # each decode holds up to ~max_voxels x 4 bytes in memory.
+    max_concurrent_decodes: int = 2
+    # Any request body other than an upload (JSON searches, id-only forms).
+    max_body_bytes: int = 1024**2
     max_query_chars: int = 1000
     max_k: int = 100
     max_report_chars: int = 20_000
@@ -96,7 +116,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = "voxsearch"
-    # None: keys are required exactly when the host is not a loopback address.
+    # None: keys are required exactly when the HTTP proxy binds a non-loopback address (see bound_to).
     require_api_key: bool | None = None
     api_keys: list[str] = field(default_factory=list)
     # A file with one key per line (keeps keys out of the config file and the process list).
@@ -122,7 +142,31 @@ class ServeConfig:
     def keys_required(self) -> bool:
         if self.require_api_key is not None:
             return self.require_api_key
-        return self.host not in LOOPBACK_HOSTS
+        return not is_loopback(self.host)
+
+    def bound_to(self, host: str, port: int) -> ServeConfig:
+        """This config as served by a proxy that really listens on host:port, checked for API keys again.
+
+        Serve keeps the HTTP options of an instance already running in the cluster, so the proxy may
+        listen somewhere else than `host` says (0.0.0.0 instead of loopback): keys follow the real address.
+        """
+        bound = dataclasses.replace(self, host=host, port=int(port))
+        if bound.keys_required() and not bound.resolved_api_keys():
+            if bound.host == self.host:
+                raise self._keys_missing()
+            raise ServeConfigError(
+                f"Serve's HTTP proxy in this Ray cluster already listens on {host}:{port} (not loopback), "
+                f"although this config asks for {self.host}:{self.port}; serving there without API keys would "
+                "expose the archive: set api_keys_file or VOXSEARCH_API_KEYS, or shut the running Serve "
+                "instance down (serve shutdown) so that it starts again on the configured host"
+            )
+        return bound
+
+    def _keys_missing(self) -> ServeConfigError:
+        return ServeConfigError(
+            f"serving on {self.host} (not loopback) requires API keys: set api_keys_file in the config, "
+            "or VOXSEARCH_API_KEYS, or require_api_key: false if a proxy in front authenticates"
+        )
 
     def resolved_api_keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys if k.strip()]
@@ -146,11 +190,10 @@ class ServeConfig:
             raise ServeConfigError(f"serve config: report_model directory {self.report_model} does not exist")
         if not (0 < self.port < 65536):
             raise ServeConfigError(f"serve config: port {self.port} is out of range")
+        if self.limits.max_concurrent_decodes < 1:
+            raise ServeConfigError("serve config: limits.max_concurrent_decodes must be at least 1")
         if self.keys_required() and not self.resolved_api_keys():
-            raise ServeConfigError(
-                f"serving on {self.host} (not loopback) requires API keys: set api_keys_file in the config, "
-                "or VOXSEARCH_API_KEYS, or require_api_key: false if a proxy in front authenticates"
-            )
+            raise self._keys_missing()
         if any(len(k) < 16 for k in self.resolved_api_keys()):
             raise ServeConfigError("serve config: every API key must be at least 16 characters")
 

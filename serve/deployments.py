@@ -152,8 +152,10 @@ class StudyStore:
     """Catalog metadata, reports and slice rendering (with a small cache of decoded volumes)."""
 
     def __init__(self, config: ServeConfig, added_dir: str):
+        from voxsearch.serve.errors import scrub_library_logs
         from voxsearch.serve.studies import StudyCatalog
 
+        scrub_library_logs()  # stored DICOM series are decoded here for slices
         _torch_threads(config.deployments.studies.torch_threads)
         self.catalog = StudyCatalog(config.catalog, added_dir, config.volume_cache, config.excerpt_chars)
 

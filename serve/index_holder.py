@@ -2,14 +2,14 @@
 
 A saved index directory names its live version in a CURRENT file that writers replace atomically. The
 holder polls that pointer; when it changes, the new version loads beside the old one, which keeps
-answering until a single reference swap. Adds (from /embed) take a cross-process file lock, apply to
-the newest on-disk version and save a new version, which the other replicas then pick up the same way.
+answering until a single reference swap. Adds (from /embed) go through voxsearch.index.update_index:
+applied to the newest on-disk version and saved with a compare-and-swap, so neither another replica nor
+a `voxsearch sync` writing the same index loses them or has its rows lost; the other replicas then pick
+up the new version the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import threading
 import time
@@ -100,29 +100,25 @@ class IndexHolder:
         index = self.index
         return {i: i in index for i in ids}
 
-    @contextlib.contextmanager
-    def _file_lock(self):
-        lock_path = self.directory.parent / f".{self.directory.name}.serve-lock"
-        with open(lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def add(self, ids: list[str], vectors: np.ndarray, metadata) -> dict[str, Any]:
         """Add vectors to the newest on-disk version, save it as the next version and serve it."""
-        with self._file_lock():
-            self.reload()
-            fresh = [i for i in ids if i not in self.index]
+        from voxsearch.index import update_index
+        from voxsearch.index.store import pointer_line
+
+        vectors = np.asarray(vectors, dtype=np.float32)
+
+        def add_new(index) -> list[str]:
+            # update_index hands over a private copy: readers of the live index never see a half-applied add.
+            fresh = [i for i in ids if i not in index]
             if fresh:
                 keep = [ids.index(i) for i in fresh]
-                meta = metadata.take(keep) if metadata is not None else None
-                # Work on a private copy so readers of the live index never see a half-applied add.
-                working = self._load()
-                working.add(fresh, np.asarray(vectors, dtype=np.float32)[keep], metadata=meta)
-                working.save(self.directory)
-                with self._lock:
-                    self.index, self.pointer = working, index_pointer(self.directory)
-                    self.loaded_at = time.time()
-            return {"added": fresh, "version": self.version, "size": len(self.index)}
+                index.add(fresh, vectors[keep], metadata=metadata.take(keep) if metadata is not None else None)
+            return fresh
+
+        done = update_index(self.directory, add_new)
+        if done.action == "changed":
+            pointer = pointer_line(self.directory / done.index.version)
+            with self._lock:
+                self.index, self.pointer = done.index, pointer
+                self.loaded_at = time.time()
+        return {"added": done.result, "version": self.version, "size": len(self.index)}

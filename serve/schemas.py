@@ -87,6 +87,8 @@ class EmbedResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     detail: str
+    error_id: str | None = Field(None, description="quote it when reporting the problem: the server's log has "
+                                                   "the cause under this id (the response never does)")
 
 
 class Health(BaseModel):

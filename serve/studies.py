@@ -2,11 +2,18 @@
 
 Holds the catalog in memory (a dict by series_id; ~1 KB a row, so 100k studies is ~100 MB) and a small
 LRU of decoded volumes for slice rendering, which is what a user scrolling through a study hits.
+
+The catalog changes under a running server (`voxsearch sync` adds shards and rewrites or deletes them
+when sources go away), so the in-memory copy follows it: at most every `check_s` seconds a request
+lists the row shards (one stat each) and, when the listing differs, the catalog is read again.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
@@ -18,21 +25,98 @@ from voxsearch.serve.public import excerpt, public_metadata
 from voxsearch.serve.render import PLANES, intensity_range, render_slice, slice_count
 
 
+log = logging.getLogger(__name__)
+CHECK_S = 1.0
+
+
 class StudyNotFound(KeyError):
     pass
 
 
-class StudyCatalog:
-    def __init__(self, catalog: str | Path, added_dir: str | Path, cache_size: int = 8, excerpt_chars: int = 240):
-        from voxsearch.ingest import read_catalog
+def catalog_stamp(catalog: str | Path) -> tuple:
+    """What changes whenever a catalog's rows do: every shard's name, inode, mtime and size.
 
-        table = read_catalog(catalog)
-        self.rows: dict[str, dict[str, Any]] = {r["series_id"]: r for r in table.to_pylist()}
+    Writers add shards, or replace and delete them by rename and unlink, so a rewritten shard shows as
+    a new inode even where mtimes are coarse.
+    """
+    from voxsearch.ingest.catalog import ROWS_DIR
+
+    path = Path(catalog)
+    if path.is_file():
+        st = path.stat()
+        return ((path.name, st.st_ino, st.st_mtime_ns, st.st_size),)
+    try:
+        entries = list(os.scandir(path / ROWS_DIR))
+    except FileNotFoundError:
+        return ()
+    stamp = []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(".parquet"):
+            continue  # writers' temp files
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue  # deleted since the listing; the next check sees the folder without it
+        stamp.append((entry.name, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(stamp))
+
+
+class StudyCatalog:
+    def __init__(self, catalog: str | Path, added_dir: str | Path, cache_size: int = 8, excerpt_chars: int = 240,
+                 check_s: float = CHECK_S):
+        self.catalog = Path(catalog)
         self.added = AddedStudies(added_dir)
         self.cache_size = cache_size
         self.excerpt_chars = excerpt_chars
+        self.check_s = check_s
+        self.reloads = 0
         self._volumes: OrderedDict[str, tuple] = OrderedDict()
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._stamp = catalog_stamp(self.catalog)
+        self._rows = self._read()
+        self._checked = time.monotonic()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        from voxsearch.ingest import read_catalog
+
+        return {r["series_id"]: r for r in read_catalog(self.catalog).to_pylist()}
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """The catalog rows by series_id, as of the catalog on disk at most `check_s` seconds ago."""
+        if time.monotonic() - self._checked >= self.check_s:
+            self.refresh()
+        return self._rows
+
+    def refresh(self) -> bool:
+        """Read the catalog again if its shards changed; True when it was reloaded."""
+        with self._reload_lock:
+            self._checked = time.monotonic()
+            stamp = catalog_stamp(self.catalog)
+            if stamp == self._stamp:
+                return False
+            try:
+                rows = self._read()
+            except Exception as exc:  # noqa: BLE001 - a writer mid-round (shard gone between listing and read)
+                # The stamp is left as it was, so the next check reads again.
+                log.warning("catalog reload failed, still serving the previous rows: %s", type(exc).__name__)
+                return False
+            old, self._rows, self._stamp = self._rows, rows, stamp
+            self.reloads += 1
+        log.info("catalog changed on disk: now %d studies (was %d)", len(rows), len(old))
+        self._drop_stale_volumes(old)
+        return True
+
+    def _drop_stale_volumes(self, old: dict[str, dict[str, Any]]) -> None:
+        def same(sid: str) -> bool:
+            before, now = old.get(sid), self._rows.get(sid)
+            return before is None or (now is not None and all(
+                before.get(k) == now.get(k) for k in ("source_path", "content_sha256")))
+
+        with self._lock:
+            for sid in [s for s in self._volumes if not same(s)]:
+                del self._volumes[sid]
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.added.rows())
@@ -62,10 +146,22 @@ class StudyCatalog:
 
     def describe_many(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Public metadata and report excerpt of each id; ids not in the catalog are left out."""
-        return {i: self.public(i) for i in ids if self.has(i)}
+        out = {}
+        for i in ids:
+            try:
+                out[i] = self.public(i)
+            except StudyNotFound:
+                continue
+        return out
 
     def reports(self, ids: list[str]) -> dict[str, str | None]:
-        return {i: self.row(i).get("report") for i in ids if self.has(i)}
+        out = {}
+        for i in ids:
+            try:
+                out[i] = self.row(i).get("report")
+            except StudyNotFound:
+                continue
+        return out
 
     def filter_values(self) -> dict[str, list]:
         counts: dict[str, Counter] = {"modality": Counter(), "body_part": Counter(), "split": Counter()}
@@ -77,11 +173,11 @@ class StudyCatalog:
 
     def volume(self, series_id: str):
         """(array X,Y,Z, spacing, modality, display range) of a study, cached."""
+        row = self.row(series_id)  # first: a study the catalog dropped is not served from the cache
         with self._lock:
             if series_id in self._volumes:
                 self._volumes.move_to_end(series_id)
                 return self._volumes[series_id]
-        row = self.row(series_id)
         from voxsearch.ingest import read_volume_row
 
         vol = read_volume_row(row)
@@ -89,6 +185,8 @@ class StudyCatalog:
         modality = vol.modality or row.get("modality") or "CT"
         entry = (array, tuple(vol.spacing), modality, intensity_range(array, modality))
         with self._lock:
+            if self._rows.get(series_id, row) is not row:
+                return entry  # the catalog was reloaded while decoding: do not cache the old version
             self._volumes[series_id] = entry
             while len(self._volumes) > self.cache_size:
                 self._volumes.popitem(last=False)

@@ -1,4 +1,5 @@
-"""Uploaded scans: receive within limits, recognise the format, unpack zips safely, check voxel counts.
+"""Uploaded scans: receive within limits, recognise the format, unpack zips safely, check voxel counts and
+decoded sizes from headers, and let only a few uploads be decoded at once.
 
 Everything here runs before any volume is decoded, so a hostile or broken upload costs at most the bytes
 the limits allow. Messages never repeat the client's file name: names of scans often carry a patient's
@@ -7,11 +8,13 @@ name. Errors carry an HTTP status so the API can answer 4xx without knowing the 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import shutil
 import stat
 import struct
 import tempfile
+import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -22,15 +25,45 @@ from voxsearch.serve.config import Limits
 
 CHUNK = 1 << 20
 NIFTI_HEADER_SIZES = (348, 540)
+# Enough for a NIfTI-2 header (540 bytes) and the 4-byte extension flag after it.
+NIFTI_HEAD_READ = 544
+# Trailing bytes a .nii.gz may hold past its declared voxel data: nothing reads them, so a little is let be.
+NIFTI_GZ_SLACK = 64 * 1024
 
 
 class UploadError(Exception):
     """An upload the server refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
+
+
+class DecodeSlots:
+    """At most `slots` uploads validated and decoded at once in one replica, each holding up to
+    ~max_voxels x 4 bytes. One more is refused at once (503, Retry-After) rather than queued: a queue
+    would hold every waiting upload on disk and every waiting client connected.
+    """
+
+    RETRY_AFTER_S = 5
+
+    def __init__(self, slots: int):
+        # A thread semaphore: claimed and released around awaits on the replica's event loop, never blocking.
+        self._free = threading.BoundedSemaphore(slots)
+
+    @contextlib.contextmanager
+    def claim(self):
+        if not self._free.acquire(blocking=False):
+            raise UploadError(
+                503, "the server is decoding as many uploads as it can; retry in a few seconds",
+                headers={"Retry-After": str(self.RETRY_AFTER_S)},
+            )
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 @dataclass
@@ -95,7 +128,7 @@ def _too_large(limits: Limits) -> UploadError:
 def sniff(path: Path) -> str:
     """Recognise the upload from its bytes (never its name): 'nifti', 'nifti-gz', 'zip' or 'dicom'."""
     with open(path, "rb") as fh:
-        head = fh.read(544)
+        head = fh.read(NIFTI_HEAD_READ)
     if head[:2] == b"\x1f\x8b":
         return "nifti-gz"
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -112,29 +145,53 @@ def sniff(path: Path) -> str:
 
 
 def check_nifti(path: Path, gz: bool, limits: Limits, size_bytes: int) -> tuple[Path, int]:
-    """Validate a NIfTI header (shape, voxel count) without decoding the image data."""
+    """Validate a NIfTI upload from its header before any voxel is decoded; returns a plain .nii file and
+    its voxel count.
+
+    The header's shape and data type say how many bytes the voxels take, and that is checked against the
+    limits before anything else is read. A .nii.gz is then inflated to disk a chunk at a time and never
+    past what its header declares, so neither a gzip bomb nor a header that understates the data costs
+    more than the limit; the plain file also lets the decoder map the voxels rather than hold them twice.
+    """
+    what = describe("NIfTI" + (".gz" if gz else ""), size_bytes)
+    named = path.with_name("upload.nii")
+    if not gz:
+        with open(path, "rb") as fh:
+            voxels, declared = _check_nifti_header(fh.read(NIFTI_HEAD_READ), what, limits, gz)
+        if size_bytes < declared:
+            raise UploadError(422, f"{what} is truncated: its header needs {declared:,} bytes, got {size_bytes:,}")
+        path.rename(named)
+        return named, voxels
+    with gzip.open(path, "rb") as src:
+        try:
+            head = src.read(NIFTI_HEAD_READ)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            raise UploadError(422, f"{what} is not a readable gzip stream ({exc.__class__.__name__})") from None
+        voxels, declared = _check_nifti_header(head, what, limits, gz)
+        _inflate(src, head, named, declared, what)
+    path.unlink()  # keep one copy of the data on disk
+    return named, voxels
+
+
+def _check_nifti_header(head: bytes, what: str, limits: Limits, gz: bool) -> tuple[int, int]:
+    """(voxels, bytes up to the end of the voxel data) from the fixed-size NIfTI-1/2 header in `head`."""
     import nibabel as nib
 
-    what = describe("NIfTI" + (".gz" if gz else ""), size_bytes)
-    if gz:
-        # The header sits in the first bytes of the stream: a truncated or non-gzip body fails here cheaply.
-        try:
-            with gzip.open(path, "rb") as fh:
-                head = fh.read(544)
-        except (OSError, EOFError, ValueError, zlib.error) as exc:
-            raise UploadError(422, f"{what} is not a readable gzip stream ({exc.__class__.__name__})") from None
-        if len(head) < 4 or (
-            struct.unpack("<i", head[:4])[0] not in NIFTI_HEADER_SIZES
-            and struct.unpack(">i", head[:4])[0] not in NIFTI_HEADER_SIZES
-        ):
-            raise UploadError(415, f"{what} is gzip-compressed but holds no NIfTI header")
-    named = path.with_name("upload.nii.gz" if gz else "upload.nii")
-    path.rename(named)
+    sizes = {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]} if len(head) >= 4 else set()
+    klass = next((k for k in (nib.Nifti1Header, nib.Nifti2Header) if k.template_dtype.itemsize in sizes), None)
+    if klass is None:
+        raise UploadError(415, f"{what} is gzip-compressed but holds no NIfTI header" if gz
+                          else f"{what} holds no NIfTI header")
+    size = klass.template_dtype.itemsize
+    if len(head) < size:
+        raise UploadError(422, f"{what} is truncated: it ends inside its {size}-byte NIfTI header")
     try:
-        header = nib.load(str(named)).header
+        header = klass(head[:size], check=True)
         shape = tuple(int(s) for s in header.get_data_shape())
+        dtype = header.get_data_dtype()
+        offset = int(header.get_data_offset())
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
-        raise UploadError(422, f"{what} has an invalid NIfTI header: {_clean(exc, named.parent)}") from None
+        raise UploadError(422, f"{what} has an invalid NIfTI header ({exc.__class__.__name__})") from None
     spatial = shape[:3]
     extra = shape[3:]
     if len(spatial) < 3 or any(s < 2 for s in spatial):
@@ -146,11 +203,40 @@ def check_nifti(path: Path, gz: bool, limits: Limits, size_bytes: int) -> tuple[
         raise UploadError(
             413, f"{what} has {voxels:,} voxels (shape {list(spatial)}), over the limit of {limits.max_voxels:,}"
         )
-    if not gz:
-        expected = header.get_data_offset() + voxels * header.get_data_dtype().itemsize
-        if size_bytes < expected:
-            raise UploadError(422, f"{what} is truncated: its header needs {expected:,} bytes, got {size_bytes:,}")
-    return named, voxels
+    declared = max(offset, 0) + voxels * dtype.itemsize
+    if declared > limits.max_decoded_bytes:
+        raise UploadError(
+            413, f"{what} declares {declared / 1e6:,.0f} MB of image data ({dtype.name}, shape {list(spatial)}), "
+                 f"over the limit of {limits.max_decoded_bytes / 1e6:,.0f} MB"
+        )
+    return voxels, declared
+
+
+def _inflate(src: BinaryIO, head: bytes, target: Path, declared: int, what: str) -> None:
+    """Write `head` and the rest of the gzip stream `src` to `target`, refusing a stream that ends before
+    `declared` bytes or runs on past them (by more than NIFTI_GZ_SLACK)."""
+    written = len(head)
+    with open(target, "wb") as out:
+        out.write(head)
+        while True:
+            try:
+                chunk = src.read(CHUNK)  # gzip inflates at most CHUNK bytes per read
+            except (OSError, EOFError, zlib.error) as exc:
+                raise UploadError(
+                    422, f"{what} could not be read: its gzip stream is corrupt or cut short ({exc.__class__.__name__})"
+                ) from None
+            if not chunk:
+                break
+            written += len(chunk)
+            if written > declared + NIFTI_GZ_SLACK:
+                raise UploadError(
+                    413, f"{what} inflates to more than the {declared / 1e6:,.0f} MB its header declares (gzip bomb?)"
+                )
+            out.write(chunk)
+    if written < declared:
+        raise UploadError(
+            422, f"{what} is truncated: its header needs {declared:,} bytes, it inflates to {written:,}"
+        )
 
 
 def _unsafe_member(name: str) -> bool:
@@ -163,8 +249,9 @@ def extract_zip(path: Path, dest: Path, limits: Limits, size_bytes: int) -> int:
     """Unpack a zip of DICOM files into `dest` under flat generated names; returns the number of files.
 
     Checked before any byte is inflated: entry count, absolute or '..' paths, symlinks, encryption,
-    total declared size and per-entry compression ratio (zip bombs). The inflated bytes are counted
-    again while writing, because declared sizes in a hostile zip can lie.
+    total declared size and the compression ratio of each entry and of the whole archive (zip bombs).
+    The inflated bytes are counted again while writing and may not pass the declared total, because
+    the sizes a hostile zip declares can lie.
     """
     what = describe("zip", size_bytes)
     try:
@@ -177,6 +264,7 @@ def extract_zip(path: Path, dest: Path, limits: Limits, size_bytes: int) -> int:
             raise UploadError(413, f"{what} has {len(infos)} entries, over the limit of {limits.max_zip_entries}")
         files = []
         declared = 0
+        compressed = 0
         for info in infos:
             if _unsafe_member(info.filename):
                 raise UploadError(400, f"{what} contains an entry with an unsafe path (absolute or '..'); refused")
@@ -188,12 +276,19 @@ def extract_zip(path: Path, dest: Path, limits: Limits, size_bytes: int) -> int:
             if info.is_dir() or _ignorable(info.filename):
                 continue
             declared += info.file_size
+            compressed += info.compress_size
             ratio = info.file_size / max(info.compress_size, 1)
             if info.file_size > CHUNK and ratio > limits.max_zip_ratio:
                 raise UploadError(
                     413, f"{what} has an entry compressed {ratio:.0f}:1, over {limits.max_zip_ratio:.0f}:1 (zip bomb?)"
                 )
             files.append(info)
+        # Many entries each under the per-entry floor add up to a bomb just the same.
+        ratio = declared / max(compressed, 1)
+        if declared > CHUNK and ratio > limits.max_zip_ratio:
+            raise UploadError(
+                413, f"{what} is compressed {ratio:.0f}:1 overall, over {limits.max_zip_ratio:.0f}:1 (zip bomb?)"
+            )
         if declared > limits.max_zip_uncompressed_bytes:
             raise UploadError(
                 413, f"{what} inflates to {declared / 1e6:.0f} MB, over {limits.max_zip_uncompressed_bytes / 1e6:.0f} MB"
@@ -211,7 +306,7 @@ def extract_zip(path: Path, dest: Path, limits: Limits, size_bytes: int) -> int:
                         if not chunk:
                             break
                         written += len(chunk)
-                        if written > limits.max_zip_uncompressed_bytes:
+                        if written > declared:
                             raise UploadError(413, f"{what} inflates past its declared size; refused")
                         out.write(chunk)
             except UploadError:
@@ -227,26 +322,36 @@ def _ignorable(name: str) -> bool:
 
 
 def check_dicom_folder(folder: Path, limits: Limits, what: str) -> int:
-    """Count the voxels of the DICOM files in `folder` from headers only; refuse non-DICOM content."""
+    """Count the voxels and pixel bytes of the DICOM files in `folder` from headers only (rows x columns x
+    frames x samples x bits allocated: compressed pixel data decodes to that however small the file);
+    refuse non-DICOM content."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     voxels = 0
+    pixel_bytes = 0
     n_dicom = 0
     for file in sorted(folder.iterdir()):
         try:
             ds = pydicom.dcmread(str(file), stop_before_pixels=True)
             rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+            bits = int(getattr(ds, "BitsAllocated", 16) or 16)
         except (InvalidDicomError, Exception):  # noqa: BLE001 - any unreadable header: not an image file
             rows = cols = 0
         if rows <= 0 or cols <= 0:
             file.unlink()  # stray non-DICOM files (readme, viewer, DICOMDIR) are dropped, not fatal
             continue
-        voxels += rows * cols * frames
+        voxels += rows * cols * max(frames, 1)
+        pixel_bytes += rows * cols * max(frames, 1) * max(samples, 1) * ((max(bits, 1) + 7) // 8)
         n_dicom += 1
         if voxels > limits.max_voxels:
             raise UploadError(413, f"{what} has more than {limits.max_voxels:,} voxels; refused")
+        if pixel_bytes > limits.max_decoded_bytes:
+            raise UploadError(
+                413, f"{what} declares more than {limits.max_decoded_bytes / 1e6:,.0f} MB of pixel data; refused"
+            )
     if n_dicom == 0:
         raise UploadError(422, f"{what} holds no DICOM image files")
     if n_dicom < 2 and voxels < 64**3:
@@ -269,13 +374,3 @@ def prepare_upload(workdir: Path, path: Path, size_bytes: int, limits: Limits) -
     path.unlink()  # the zip is no longer needed; keep only one copy of the data on disk
     voxels = check_dicom_folder(folder, limits, describe("zip", size_bytes))
     return ReceivedUpload(workdir, folder, "dicom-zip", size_bytes, voxels)
-
-
-def _clean(exc: BaseException, workdir: Path) -> str:
-    """An exception message with server paths removed."""
-    return str(exc).replace(str(workdir), "<upload>")[:300] or exc.__class__.__name__
-
-
-def clean_message(exc: BaseException, upload: ReceivedUpload) -> str:
-    return _clean(exc, upload.workdir)
-

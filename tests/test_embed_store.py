@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -137,6 +139,53 @@ def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones(tmp_path):
     store.lock_path.write_text(f"{os.uname().nodename} {dead.pid}")
     with store.locked():  # the pid is gone: its lock is stale
         assert store.lock_path.read_text().endswith(str(os.getpid()))
+
+
+def test_two_takeovers_of_a_stale_lock_leave_exactly_one_holder(tmp_path, monkeypatch):
+    """Two restarted runs both find the lock of a run that died. The first to read the lock file is held
+    back until the second has got in or been refused: one of them must stay out."""
+    timeout = 60
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_path = EmbeddingStore(tmp_path).lock_path
+    lock_path.write_text(f"{os.uname().nodename} {dead.pid}")
+    first_read, release = threading.Event(), threading.Event()
+    tried = {"first": threading.Event(), "second": threading.Event()}
+    holders, refused = [], []
+    read_text = Path.read_text
+
+    def slow_first_read(self, *args, **kwargs):
+        text = read_text(self, *args, **kwargs)
+        if self == lock_path and threading.current_thread().name == "first" and not first_read.is_set():
+            first_read.set()
+            tried["second"].wait(timeout)
+        return text
+
+    monkeypatch.setattr(Path, "read_text", slow_first_read)
+
+    def run(name: str) -> None:
+        try:
+            with EmbeddingStore(tmp_path).locked():
+                holders.append(name)
+                tried[name].set()
+                release.wait(timeout)
+        except EmbedError:
+            refused.append(name)
+            tried[name].set()
+
+    threads = {name: threading.Thread(target=run, args=(name,), name=name) for name in tried}
+    threads["first"].start()
+    try:
+        assert first_read.wait(timeout)
+        threads["second"].start()
+        assert tried["second"].wait(timeout) and tried["first"].wait(timeout)
+        assert len(holders) == 1 and len(refused) == 1, f"holders {holders}, refused {refused}"
+    finally:
+        release.set()
+        for thread in threads.values():
+            if thread.ident is not None:
+                thread.join(timeout)
+    assert not lock_path.exists()  # released by the one holder
 
 
 def test_remove_temp_files_of_a_killed_run(tmp_path):

@@ -62,7 +62,7 @@ def test_saving_twice_keeps_two_versions_and_no_temp(saved, data):
     index.save(directory)
     index.save(directory)
     names = sorted(p.name for p in directory.iterdir())
-    assert names == ["CURRENT", "v000002", "v000003"]
+    assert names == [store.LOCK_FILE, "CURRENT", "v000002", "v000003"]
     assert len(VectorIndex.load(directory)) == 1199
 
 
@@ -121,7 +121,7 @@ def test_injected_failure_mid_save_leaves_previous_version(saved, data, monkeypa
     monkeypatch.setattr(pq, "write_table", broken_write)
     with pytest.raises(OSError, match="injected"):
         index.save(directory)
-    assert sorted(p.name for p in directory.iterdir()) == ["CURRENT", "v000001"]  # temp folder cleaned up
+    assert sorted(p.name for p in directory.iterdir()) == [store.LOCK_FILE, "CURRENT", "v000001"]  # temp folder cleaned up
     assert results(VectorIndex.load(directory), data) == before
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -43,6 +45,19 @@ def test_sharded_equals_one_index(ray_session, tmp_path):
         assert top(reloaded.search(queries, k=10)) == top(single.search(queries, k=10))
         assert sorted(reloaded.ids()) == sorted(single.ids())
         assert np.allclose(reloaded.vector("series-1"), single.vector("series-1"))
+
+        # Another writer saves a new version of one shard after this load: updates go to that version.
+        folder = tmp_path / "sharded"
+        names = json.loads((folder / "sharded.json").read_text())["shards"]
+        other = VectorIndex.load(folder / names[shard_of("interloper", 3)])
+        other.add(["interloper"], extra[:1])
+        other.save(folder / names[shard_of("interloper", 3)])
+        assert reloaded.update(folder, "add", ["late-x"], extra[1:2]) == 1
+        assert reloaded.update(folder, "delete", ["series-1"]) == 1
+        assert reloaded.update(folder, "compact") == len(single) + 1
+        on_disk = {i for name in names for i in VectorIndex.load(folder / name).ids()}
+        assert on_disk == set(single.ids()) - {"series-1"} | {"interloper", "late-x"}
+        assert on_disk == set(reloaded.ids())
 
 
 def test_shard_routing_is_stable():

@@ -170,7 +170,8 @@ def test_manifest_parquet_extras_reports_and_auto_split(tmp_path):
         "window_width": [None, 350.0, None, None],
     }), archive / "manifest.parquet")
     out = tmp_path / "cat"
-    summary = run_ingest(IngestConfig(archive=archive, out=out, engine="local", progress=False, salt="s"))
+    summary = run_ingest(IngestConfig(archive=archive, out=out, engine="local", progress=False, salt="s",
+                                      keep_columns=("site",)))
     assert summary.added == 4 and summary.failed == 0
     rows = {r["source_path"].rsplit("/", 1)[1]: r for r in read_catalog(out).to_pylist()}
     assert rows["v0.nii.gz"]["report"] == "FINDINGS: Small cyst.\nIMPRESSION: Cyst."  # history dropped
@@ -191,8 +192,7 @@ def test_interrupted_shard_write_leaves_catalog_readable(tmp_path, monkeypatch):
     save_nifti(archive / "b.nii.gz", phantom_hu(seed=2), np.eye(4))
 
     def crash(table, where, **kw):
-        with open(where, "wb") as fh:
-            fh.write(b"PAR1 half a shard")
+        where.write(b"PAR1 half a shard")  # the shard's temp file, opened by common.durable.atomic_write
         raise OSError("disk full")
 
     monkeypatch.setattr(catalog.pq, "write_table", crash)

@@ -121,6 +121,37 @@ def test_persistent_fault_is_an_error_row_and_the_next_pass_recovers(orthanc, pa
     assert len(recovered.added) == 1 and not recovered.errors
 
 
+def test_identifiers_nested_in_sequences_do_not_reach_the_mirror(orthanc, pacs_archive, tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from voxsearch.ingest.dicomweb import Mirror
+
+    # A copy of a study under new UIDs (Orthanc keeps one instance per SOPInstanceUID), with an accession
+    # number two sequences deep and the patient's name in a private tag.
+    original = pacs_archive["studies"][0]
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for path in sorted(original["folder"].glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        issuer, request = Dataset(), Dataset()
+        issuer.LocalNamespaceEntityID = "ISSUER-NESTED-4242"
+        request.AccessionNumber, request.IssuerOfAccessionNumberSequence = "ACC-NESTED-4242", [issuer]
+        ds.RequestAttributesSequence = [request]
+        ds.private_block(0x0011, "PLANTED 1.0", create=True).add_new(0x01, "LO", str(ds.PatientName))
+        ds.save_as(folder / path.name, enforce_file_format=True)
+    _only(orthanc, {"folder": folder, "study_uid": study_uid})
+    mirror = Mirror(tmp_path / "mirror")
+    result = mirror.pull(_config(orthanc.dicomweb), progress=False)
+    assert len(result.added) == 1 and not result.errors
+    blob = b"".join(p.read_bytes() for p in mirror.root.rglob("*") if p.is_file())
+    for ident in (*pacs_archive["planted"], "ACC-NESTED-4242", "ISSUER-NESTED-4242", study_uid, series_uid):
+        assert ident.encode() not in blob, f"{ident!r} reached the mirror"
+
+
 def test_credentials_never_in_the_url(orthanc):
     from voxsearch.ingest import IngestError
     from voxsearch.ingest.dicomweb import connect
@@ -162,9 +193,10 @@ def test_sync_makes_a_pacs_study_searchable_then_removes_it(ray_session, orthanc
     first, second = pacs_archive["studies"][0], pacs_archive["studies"][2]
     _only(orthanc, first)
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    # The served app below holds a share of the 2 test CPUs: the embedding tasks must fit beside it.
+    # The served app below holds a share of the 2 test CPUs: the embedding tasks must fit beside it. The
+    # study deleted at the end is half of the two known: over the default share a round may delete.
     cfg = SyncConfig(source=orthanc.dicomweb, catalog=tmp_path / "catalog", index=tmp_path / "index",
-                     checkpoint=ckpt, progress=False, ingest_engine="local",
+                     checkpoint=ckpt, progress=False, ingest_engine="local", max_delete_share=0.5,
                      embed_options={"actor_cpus": 0.5, "read_cpus": 0.5})
     with caplog.at_level(logging.INFO):
         r1 = sync_round(cfg)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serve_testlib import dicom_series_zip
 
 httpx = pytest.importorskip("httpx")
 
@@ -53,37 +54,7 @@ def _phantom(seed: int, shape=(48, 48, 24)) -> np.ndarray:
 
 def _dicom_zip(seed: int, slices: int = 12, rows: int = 40, cols: int = 40) -> bytes:
     """A CT series whose headers carry patient identifiers (which must never come back)."""
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    vol = _phantom(seed, (cols, rows, slices))
-    series, study = generate_uid(), generate_uid()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for k in range(slices):
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CTImageStorage
-            meta.MediaStorageSOPInstanceUID = generate_uid()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-            ds.PatientName, ds.PatientID, ds.PatientBirthDate = PHI[0], PHI[1], PHI[2]
-            ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series, study
-            ds.Rows, ds.Columns = rows, cols
-            ds.PixelSpacing = [1.2, 1.2]
-            ds.SliceThickness = 2.5
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
-            ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-            ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.PixelData = (vol[:, :, k].T.astype(np.int32) + 1024).clip(0, 65535).astype(np.uint16).tobytes()
-            out = io.BytesIO()
-            pydicom.dcmwrite(out, ds, enforce_file_format=True)
-            zf.writestr(f"{PHI[3]}/slice{k:03d}.dcm", out.getvalue())
-    return buf.getvalue()
+    return dicom_series_zip(_phantom(seed, (cols, rows, slices)), PHI[:3], folder=PHI[3], spacing=(1.2, 1.2, 2.5))
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +366,17 @@ def test_upload_request_shape_errors(served):
     assert chunked.status_code == 411
 
 
+def test_every_request_body_is_limited_through_the_proxy(served):
+    c = served["client"]
+    body = b'{"query": "' + b"a" * 1_500_000 + b'"}'  # over the 1 MiB JSON limit
+    for content in (body, iter([body[i:i + 65536] for i in range(0, len(body), 65536)])):  # declared, chunked
+        r = c.post("/api/v1/search/text", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "too_large", r.text
+    # However Content-Type is spelled, an upload over the limit is refused from its length.
+    r = c.post("/api/v1/embed", content=b"x" * 4_200_000, headers={"content-type": "Multipart/Form-Data; boundary=x"})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+
 # ---------------------------------------------------------------------------------------------- studies
 def test_study_view_and_pngs(served):
     from PIL import Image
@@ -491,6 +473,23 @@ def test_embed_dicom_study_then_find_it(served):
     for secret in PHI:
         assert secret.encode() not in raw
     assert list((served["root"] / "uploads").iterdir()) == []
+
+
+def test_reader_errors_and_stored_reports_hold_no_header_text(served):
+    planted = b"DOE JOHN"
+    c = served["client"]
+    bad = dicom_series_zip(_phantom(12, (24, 24, 6)), PHI[:3], rescale_slope=planted)
+    r = c.post("/api/v1/search/scan", files={"file": ("s.zip", bad)})
+    assert r.status_code == 422 and r.json()["error_id"], r.text
+    assert planted.decode() not in r.text and str(served["root"]) not in r.text
+    # A report that names the patient its scan's headers name is stored without the name.
+    r = c.post("/api/v1/embed", files={"file": ("x.zip", _dicom_zip(13))},
+               data={"report": f"Jane Doe ({PHI[1]}): dense focal lesion."})
+    assert r.status_code == 201, r.text
+    report = c.get(f"/api/v1/studies/{r.json()['series_id']}").json()["report"]
+    assert "dense focal lesion" in report
+    for word in ("Jane", "Doe", PHI[1]):
+        assert word not in report, report
 
 
 def test_no_patient_identifier_in_logs(served):

@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from serve_testlib import refused_upload
 from voxsearch.serve.auth import KeyChecker
 from voxsearch.serve.config import Limits, ServeConfig, ServeConfigError, load_serve_config
 from voxsearch.serve.drafting import Neighbour, compose_draft
@@ -184,14 +185,9 @@ def test_zip_without_dicom_is_422(tmp_path):
     (gzip.compress(b"hello world, not a nifti header" * 20), Limits(), 415, "no NIfTI header"),
 ])
 def test_nifti_checks(tmp_path, data, limits, status, words):
-    workdir = tmp_path / "w"
-    workdir.mkdir()
-    path = workdir / "upload.bin"
-    path.write_bytes(data)
-    with pytest.raises(UploadError) as err:
-        prepare_upload(workdir, path, len(data), limits)
-    assert err.value.status == status and words in err.value.message
-    assert "upload.bin" not in err.value.message and str(tmp_path) not in err.value.message
+    err = refused_upload(tmp_path, data, limits)
+    assert err.status == status and words in err.message
+    assert "upload.bin" not in err.message and str(tmp_path) not in err.message
 
 
 def test_valid_nifti_accepted(tmp_path):
@@ -200,7 +196,12 @@ def test_valid_nifti_accepted(tmp_path):
     path = workdir / "upload.bin"
     path.write_bytes(_nifti_bytes((8, 9, 10)))
     up = prepare_upload(workdir, path, path.stat().st_size, Limits())
-    assert up.kind == "nifti" and up.voxels == 720 and up.path.name == "upload.nii.gz"
+    # Inflated once, within the limits, to a plain file the decoder maps; the .gz is gone.
+    assert up.kind == "nifti" and up.voxels == 720 and up.path.name == "upload.nii"
+    assert [p.name for p in workdir.iterdir()] == ["upload.nii"]
+    from voxsearch.ingest import read_volume_path
+
+    assert read_volume_path(up.path).array.shape == (8, 9, 10)
     up.cleanup()
     assert not workdir.exists()
 

@@ -163,13 +163,26 @@ def _build(args) -> int:
     return 0
 
 
+def _update(args, action: str, *call_args):
+    """Apply an index method to the saved index through update_index (shards: each shard's), so a
+    writer that saved meanwhile (the server, a sync) has its version re-applied to, never overwritten.
+    Returns (what the method returned, the updated index)."""
+    from voxsearch.index import ShardedIndex, update_index
+
+    if _is_sharded(args.index):
+        _ray(args)
+        index = ShardedIndex.load(args.index)
+        names = ("ids", "vectors", "metadata", "replace")
+        return index.update(args.index, action, **dict(zip(names, call_args))), index
+    done = update_index(args.index, lambda index: getattr(index, action)(*call_args))
+    return done.result, done.index
+
+
 def _add(args) -> int:
     from voxsearch.index import read_embeddings
 
     emb = read_embeddings(args.sources, args.vector_column, args.ids)
-    index = _open(args.index, args)
-    added = index.add(emb.ids, emb.vectors, emb.metadata, replace=args.replace)
-    index.save(args.index)
+    added, index = _update(args, "add", emb.ids, emb.vectors, emb.metadata, args.replace)
     print(f"added {added} vectors; the index now holds {len(index)}")
     return 0
 
@@ -180,9 +193,7 @@ def _delete(args) -> int:
         ids += [line.strip() for line in args.ids_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise ValueError("no ids to delete: give IDs or --ids-file")
-    index = _open(args.index, args)
-    removed = index.delete(ids)
-    index.save(args.index)
+    removed, index = _update(args, "delete", ids)
     hint = " (over 20% deleted: run `voxsearch index compact`)" if getattr(index, "needs_compact", False) else ""
     print(f"deleted {removed} of {len(ids)} ids; {len(index)} remain{hint}")
     return 0
@@ -234,15 +245,22 @@ def _info(args) -> int:
 
 
 def _compact(args) -> int:
-    index = _open(args.index, args)
-    before = index.manifest.get("rows")
-    index.compact()
-    index.save(args.index)
-    m = index.manifest
-    if "shards" in m:
+    from voxsearch.index import update_index
+
+    if _is_sharded(args.index):
+        _, index = _update(args, "compact")
+        m = index.manifest
         print(f"compacted {m['num_shards']} shards -> {m['count']} rows; recall@10 ~{m['recall_at_k']}")
-    else:
-        print(f"compacted {before} rows -> {m['count']}; {m['factory']}, recall@10 {m['recall']['recall_at_k']}")
+        return 0
+
+    def compact(index) -> int:
+        rows = index.manifest["rows"]
+        index.compact()
+        return rows
+
+    done = update_index(args.index, compact)
+    m = done.index.manifest
+    print(f"compacted {done.result} rows -> {m['count']}; {m['factory']}, recall@10 {m['recall']['recall_at_k']}")
     return 0
 
 

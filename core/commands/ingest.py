@@ -18,6 +18,9 @@ def register(sub):
     p.add_argument("archive", help="archive folder (or one NIfTI/.npy/zip), or a DICOMweb base URL")
     p.add_argument("--out", required=True, help="catalog folder")
     p.add_argument("--manifest", help="CSV/Parquet manifest (default ARCHIVE/manifest.csv if present)")
+    p.add_argument("--keep-column", action="append", default=[], metavar="NAME",
+                   help="also copy this manifest column into the catalog, scrubbed of the row's identifiers "
+                   "(repeatable; other unknown columns are dropped; identifier columns are refused)")
     p.add_argument("--engine", choices=["ray", "local"], default="ray")
     p.add_argument("--workers", type=int, help="Ray actors (default: all CPUs)")
     p.add_argument("--ray-address", help="Ray cluster (ray://host:port); default RAY_ADDRESS or a local Ray")
@@ -59,6 +62,7 @@ def run(args) -> int:
 
     from voxsearch.ingest import IngestConfig, read_errors, run_ingest
     from voxsearch.ingest.dicomweb import is_dicomweb_url
+    from voxsearch.ingest.discover import keep_columns
 
     kwargs = {}
     if args.max_voxels:
@@ -67,12 +71,13 @@ def run(args) -> int:
         kwargs["check_preprocess"] = None
     salt = Path(args.salt_file).read_text().strip() if args.salt_file else None
     try:
+        keep_columns(args.keep_column)  # refused before a PACS pull, not after it
         archive = args.archive
         if is_dicomweb_url(archive):
             archive = _pull_pacs(args, salt)
         cfg = IngestConfig(archive=archive, out=args.out, manifest=args.manifest, engine=args.engine,
                            workers=args.workers, ray_address=args.ray_address, salt=salt,
-                           progress=not args.no_progress, **kwargs)
+                           progress=not args.no_progress, keep_columns=tuple(args.keep_column), **kwargs)
         summary = run_ingest(cfg)
     except (FileNotFoundError, ValueError) as exc:
         print(f"voxsearch ingest: {exc}")
