@@ -41,7 +41,7 @@ def main() -> int:
     if reason:
         print(f"skipped: {reason}")
         return 2
-    from voxsearch.embed.sync import SyncConfig, sync_forever, sync_round
+    from voxsearch.sync.job import SyncConfig, sync_forever, sync_round
     from voxsearch.index import VectorIndex
     from voxsearch.ingest import SynthConfig, generate_archive
     from voxsearch.common.runtime import init_ray

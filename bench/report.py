@@ -97,9 +97,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         args.n, args.epochs1, args.epochs2 = min(args.n, 80), min(args.epochs1, 1), max(args.epochs2, 6)
-    from voxsearch.encoders.report_model import load_report_model
+    from voxsearch.reports.model import load_report_model
     from voxsearch.common.runtime import RayConfig, init_ray
-    from voxsearch.training.report_eval import evaluate_reports
+    from voxsearch.reports.evaluate import evaluate_reports
 
     init_ray(RayConfig())
     work = args.work or Path(tempfile.mkdtemp(prefix="voxsearch-bench-report-"))
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     else:
         if args.quick:
             from voxsearch.training.data import load_catalog
-            from voxsearch.training.report_tiny_lm import build_tiny_lm
+            from voxsearch.reports.tiny_lm import build_tiny_lm
 
             reports = [r for r in load_catalog(catalog).column("report").to_pylist() if r]
             lm = str(build_tiny_lm(work / "tiny_lm", reports))
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
 
 
 def train(args, work: Path, catalog: Path, lm: str | None, timings: dict):
-    from voxsearch.encoders.report_model import ReportModelConfig
-    from voxsearch.training.report_train import ReportTrainConfig, train_report
+    from voxsearch.reports.model import ReportModelConfig
+    from voxsearch.reports.train import ReportTrainConfig, train_report
 
     model_cfg = ReportModelConfig(vision_variant=args.vision_variant, image_size=tuple(args.image_size), lm=lm,
                                   low_tokens=(12, 8), high_tokens=(8, 8), max_answer_tokens=args.max_answer_tokens)
@@ -177,7 +177,7 @@ def train(args, work: Path, catalog: Path, lm: str | None, timings: dict):
         init, s1_metrics = s1.model_dir, s1.metrics
     else:
         # Stage 2 straight from a fresh projector (it trains in stage 2 as well): saves a pass on slow CPUs.
-        from voxsearch.encoders.report_model import build_report_model, save_report_model
+        from voxsearch.reports.model import build_report_model, save_report_model
         from voxsearch.ingest import PreprocessConfig
 
         fresh = build_report_model(model_cfg, preprocess=PreprocessConfig(spatial_size=tuple(args.image_size)).to_dict())

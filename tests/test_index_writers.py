@@ -217,7 +217,7 @@ def test_uploads_during_sync_rounds_are_all_in_the_final_index(ray_session, tmp_
     import httpx
 
     from embed_testlib import make_checkpoint
-    from voxsearch.embed.sync import SyncConfig, sync_round
+    from voxsearch.sync.job import SyncConfig, sync_round
     from voxsearch.ingest import SynthConfig, generate_archive
     from voxsearch.serve.app import start, stop
     from voxsearch.serve.config import DeploymentOptions, Deployments, ServeConfig

@@ -32,7 +32,7 @@ def test_wheel_installs_only_the_voxsearch_package(wheel_names):
     assert top_level == {"voxsearch", "voxsearch-0.1.0.dist-info"}, top_level
 
 
-@pytest.mark.parametrize("component", ["ingest", "encoders", "index", "embed", "serve", "training"])
+@pytest.mark.parametrize("component", ["common", "ingest", "encoders", "index", "embed", "training", "reports", "sync", "serve"])
 def test_wheel_maps_each_component_under_voxsearch(wheel_names, component):
     assert f"voxsearch/{component}/__init__.py" in wheel_names
     assert not any(name.startswith(f"{component}/") for name in wheel_names)

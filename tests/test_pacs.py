@@ -184,7 +184,7 @@ def _closed_port() -> int:
 def test_sync_makes_a_pacs_study_searchable_then_removes_it(ray_session, orthanc, pacs_archive, tmp_path, caplog):
     import httpx
 
-    from voxsearch.embed.sync import SyncConfig, sync_round
+    from voxsearch.sync.job import SyncConfig, sync_round
     from voxsearch.index import VectorIndex
     from voxsearch.ingest import read_catalog
     from voxsearch.serve.app import start, stop
@@ -273,7 +273,7 @@ def test_sync_killed_at_any_stage_then_rerun_holds_each_study_once(ray_session, 
     from test_embed_resume import _kill_tree
 
     from embed_testlib import ids_of
-    from voxsearch.embed.sync import SyncConfig, sync_round
+    from voxsearch.sync.job import SyncConfig, sync_round
     from voxsearch.index import VectorIndex
     from voxsearch.ingest import read_catalog
 

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from voxsearch.encoders.finding_text import FindingMatcher
-from voxsearch.training.report_findings import finding_scores, truth_of
-from voxsearch.training.report_metrics import (
+from voxsearch.reports.findings import finding_scores, truth_of
+from voxsearch.reports.metrics import (
     closed_answer_correct,
     closed_vqa_accuracy,
     corpus_bleu,
@@ -19,7 +19,7 @@ from voxsearch.training.report_metrics import (
     text_metrics,
     tokenize,
 )
-from voxsearch.training.report_vqa import FindingVocabulary
+from voxsearch.reports.vqa import FindingVocabulary
 
 
 def test_tokenize_keeps_decimals_and_drops_punctuation():
@@ -120,7 +120,7 @@ def test_finding_scores_by_hand():
 
 
 def test_paired_bootstrap_brackets_the_f1_difference():
-    from voxsearch.training.report_findings import paired_f1_bootstrap
+    from voxsearch.reports.findings import paired_f1_bootstrap
 
     rows = [_row([{"type": "nodule", "organ": "lung"}]), _row([{"type": "cyst", "organ": "kidney"}]), _row([])] * 20
     matcher = FindingMatcher.from_vocabulary(FindingVocabulary.from_rows(rows))
@@ -145,7 +145,7 @@ def test_paired_bootstrap_brackets_the_f1_difference():
 
 
 def test_stem_matches_inflections():
-    from voxsearch.training.report_metrics import stem
+    from voxsearch.reports.metrics import stem
 
     assert stem("nodules") == stem("nodule")
     assert stem("masses") == stem("mass") == "mass"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from voxsearch.encoders.report_model import (
+from voxsearch.reports.model import (
     ReportModelConfig,
     build_report_model,
     load_report_model,
@@ -15,7 +15,7 @@ from voxsearch.encoders.report_model import (
     save_report_model,
     stage_tokens,
 )
-from voxsearch.training.report_tiny_lm import build_tiny_lm
+from voxsearch.reports.tiny_lm import build_tiny_lm
 
 IMAGE = (32, 64, 64)
 TEXTS = ["There is a 12 mm nodule in the right lung.", "No abnormality is seen.", "A 20 mm cyst in the liver."]
@@ -156,7 +156,7 @@ def test_lora_trains_adapters_only_and_saves_merged(tiny_model, tmp_path):
     pytest.importorskip("peft")
     import dataclasses
 
-    from voxsearch.encoders.report_model import LoraSettings
+    from voxsearch.reports.model import LoraSettings
 
     cfg = dataclasses.replace(tiny_model.config, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     model = build_report_model(cfg, preprocess=tiny_model.preprocess)

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from voxsearch.encoders.report_model import ReportModelConfig, build_report_model, load_report_model, save_report_model
-from voxsearch.training.report_tiny_lm import TinyLMConfig, build_tiny_lm
+from voxsearch.reports.model import ReportModelConfig, build_report_model, load_report_model, save_report_model
+from voxsearch.reports.tiny_lm import TinyLMConfig, build_tiny_lm
 
 SIZE = (24, 48, 48)
 IMAGE = (32, 64, 64)
@@ -45,8 +45,8 @@ def phantom_catalog(root, n_train=16, n_test=4) -> pa.Table:
 @pytest.mark.slow  # ~7 min here: 40 epochs of Ray Train with a checkpoint each, then Ray evaluation
 def test_tiny_end_to_end_report_depends_on_the_scan(tmp_path, ray_session):
     from voxsearch.ingest import PreprocessConfig, load_volume
-    from voxsearch.training.report_eval import evaluate_reports
-    from voxsearch.training.report_train import ReportTrainConfig, train_report
+    from voxsearch.reports.evaluate import evaluate_reports
+    from voxsearch.reports.train import ReportTrainConfig, train_report
 
     catalog = phantom_catalog(tmp_path)
     lm_dir = build_tiny_lm(tmp_path / "lm", [NORMAL, ABNORMAL] * 10, TinyLMConfig(hidden_size=64, vocab_size=300))

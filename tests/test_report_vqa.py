@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from voxsearch.training.report_vqa import FindingVocabulary, generate_vqa, parse_findings, read_m3d_vqa_csv
+from voxsearch.reports.vqa import FindingVocabulary, generate_vqa, parse_findings, read_m3d_vqa_csv
 
 ROWS = [
     {"series_id": "a", "findings": json.dumps([{"type": "nodule", "organ": "lung", "side": "right", "size_mm": 12,

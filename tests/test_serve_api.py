@@ -105,8 +105,8 @@ def served(ray_session, tiny_catalog, tmp_path_factory):
 
 
 def _tiny_report_model(root: Path, reports: list[str], pp):
-    from voxsearch.encoders.report_model import ReportModelConfig, build_report_model, save_report_model
-    from voxsearch.training.report_tiny_lm import build_tiny_lm
+    from voxsearch.reports.model import ReportModelConfig, build_report_model, save_report_model
+    from voxsearch.reports.tiny_lm import build_tiny_lm
 
     lm = build_tiny_lm(root / "lm", [r for r in reports if r] or ["no findings."])
     cfg = ReportModelConfig(vision_variant="nano", image_size=SIZE, lm=str(lm), low_tokens=(8, 4), high_tokens=(4, 4),

@@ -15,7 +15,7 @@ import pytest
 from serve_testlib import refused_upload
 from voxsearch.serve.auth import KeyChecker
 from voxsearch.serve.config import Limits, ServeConfig, ServeConfigError, load_serve_config
-from voxsearch.serve.drafting import Neighbour, compose_draft
+from voxsearch.reports.drafting import Neighbour, compose_draft
 from voxsearch.serve.metrics import RequestMetrics
 from voxsearch.serve.public import excerpt, normalise_filters, public_metadata, valid_series_id
 from voxsearch.serve.render import RenderError, plane_image, render_slice

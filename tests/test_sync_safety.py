@@ -79,7 +79,7 @@ def folder_sync(tmp_path, monkeypatch):
     series a round deletes, decided before embedding (which has its own tests)."""
     import voxsearch.embed
     from voxsearch.embed.config import EmbedSummary
-    from voxsearch.embed.sync import SyncConfig, sync_round
+    from voxsearch.sync.job import SyncConfig, sync_round
     from voxsearch.ingest import SynthConfig, generate_archive
 
     source = generate_archive(SynthConfig(n=6, seed=3, out=tmp_path / "source", size="tiny", dicom_share=0.0))
@@ -100,7 +100,7 @@ def _catalogued(cfg) -> int:
 
 
 def test_an_emptied_folder_deletes_nothing_unless_allowed(folder_sync, caplog):
-    from voxsearch.embed.sync import sync_round
+    from voxsearch.sync.job import sync_round
 
     cfg, files, _ = folder_sync
     for path in files:  # an unmounted share looks exactly like this
@@ -115,7 +115,7 @@ def test_an_emptied_folder_deletes_nothing_unless_allowed(folder_sync, caplog):
 
 
 def test_a_round_deletes_at_most_its_share_of_the_known_series(folder_sync):
-    from voxsearch.embed.sync import sync_round
+    from voxsearch.sync.job import sync_round
 
     cfg, files, later = folder_sync
     files[0].unlink()  # 1 of 5: within the default 20%
@@ -137,7 +137,7 @@ def test_a_round_deletes_at_most_its_share_of_the_known_series(folder_sync):
 @pytest.mark.skipif(available() is not None, reason=str(available()))
 def test_an_emptied_pacs_deletes_nothing_unless_allowed(ray_session, orthanc, pacs_archive, tmp_path, caplog):
     from embed_testlib import ids_of, make_checkpoint
-    from voxsearch.embed.sync import SyncConfig, sync_round
+    from voxsearch.sync.job import SyncConfig, sync_round
     from voxsearch.ingest import read_catalog
     from voxsearch.ingest.dicomweb import Mirror
 

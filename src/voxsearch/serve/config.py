@@ -106,7 +106,7 @@ class ServeConfig:
     index: str | None = None
     checkpoint: str | None = None
     catalog: str | None = None
-    # Optional report model directory (voxsearch.encoders.report_model); None: retrieval-based drafts.
+    # Optional report model directory (voxsearch.reports.model); None: retrieval-based drafts.
     report_model: str | None = None
     # Where studies added through /embed are kept (de-identified volumes + their catalog rows).
     data_dir: str | None = None

@@ -49,7 +49,11 @@ class SyncConfig:
     def __post_init__(self):
         self.catalog, self.index, self.checkpoint = Path(self.catalog), Path(self.index), Path(self.checkpoint)
         self.embeddings = Path(self.embeddings) if self.embeddings else self.index.with_name(self.index.name + "-embeddings")
-        self.mirror = Path(self.mirror) if self.mirror else self.catalog.with_name(self.catalog.name + "-mirror")
+        if self.mirror is None:
+            from voxsearch.ingest.dicomweb import default_mirror_dir
+
+            self.mirror = default_mirror_dir(self.catalog)
+        self.mirror = Path(self.mirror)
         if not 0.0 <= self.max_delete_share <= 1.0:
             raise ValueError(f"max_delete_share must be between 0 and 1, got {self.max_delete_share}")
 
@@ -112,21 +116,19 @@ def _mass_delete(cfg: SyncConfig, gone: list[str], known: int) -> bool:
 def sync_round(cfg: SyncConfig) -> RoundReport:
     from voxsearch.embed import EmbedConfig, run_embedding
     from voxsearch.ingest import IngestConfig, run_ingest
-    from voxsearch.ingest.deid import load_or_create_salt
 
     start = time.perf_counter()
     report = RoundReport()
     cfg.catalog.mkdir(parents=True, exist_ok=True)
     before = _catalog_ids(cfg.catalog)
     if cfg.is_pacs:
-        from voxsearch.ingest.dicomweb import DicomWebConfig, Mirror, PacsError
+        from voxsearch.ingest.dicomweb import DicomWebConfig, PacsError, pull_for_catalog
 
-        mirror = Mirror(cfg.mirror)
         dw = DicomWebConfig(url=cfg.source, auth_file=cfg.auth_file, modality=cfg.modality,
                             study_date_from=cfg.study_date_from, study_date_to=cfg.study_date_to,
-                            retries=cfg.retries, deadline_s=cfg.deadline_s, salt=load_or_create_salt(cfg.catalog))
+                            retries=cfg.retries, deadline_s=cfg.deadline_s)
         try:
-            pulled = mirror.pull(dw, progress=cfg.progress)
+            mirror, pulled = pull_for_catalog(dw, cfg.catalog, cfg.mirror, progress=cfg.progress)
         except PacsError as exc:
             # Nothing is known about the source this round; deleting on that basis would empty the index.
             report.failed, report.errors = 1, [str(exc)]

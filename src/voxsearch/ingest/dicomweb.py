@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,7 +29,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from voxsearch.common.durable import atomic_write_json, fsync_dir, fsync_tree
-from voxsearch.ingest.deid import salted_hash
+from voxsearch.ingest.deid import load_or_create_salt, salted_hash
 from voxsearch.ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
@@ -424,3 +424,19 @@ class Mirror:
             shutil.rmtree(self.series_dir / key, ignore_errors=True)
             state.pop(key, None)
         self._save(state)
+
+
+def default_mirror_dir(catalog: Path) -> Path:
+    """Where a catalog's de-identified PACS mirror lives unless told otherwise: beside it."""
+    catalog = Path(catalog)
+    return catalog.with_name(catalog.name + "-mirror")
+
+
+def pull_for_catalog(config: DicomWebConfig, catalog: Path, mirror_dir: Path | None = None,
+                     progress: bool = True) -> tuple[Mirror, MirrorResult]:
+    """Fetch what the PACS has new or changed into the catalog's mirror. The catalog's salt de-identifies
+    it (unless `config` names one), so mirrored series get the ids the catalog gives them."""
+    if not config.salt:
+        config = replace(config, salt=load_or_create_salt(Path(catalog)))
+    mirror = Mirror(Path(mirror_dir) if mirror_dir else default_mirror_dir(catalog))
+    return mirror, mirror.pull(config, progress=progress)

@@ -38,17 +38,11 @@ def register(sub):
 
 def _pull_pacs(args, salt: str | None) -> str:
     """Fetch the PACS' new series into the mirror; returns the folder to ingest."""
-    from pathlib import Path
+    from voxsearch.ingest.dicomweb import DicomWebConfig, pull_for_catalog
 
-    from voxsearch.ingest.deid import load_or_create_salt
-    from voxsearch.ingest.dicomweb import DicomWebConfig, Mirror
-
-    out = Path(args.out)
-    mirror = Mirror(Path(args.mirror) if args.mirror else out.with_name(out.name + "-mirror"))
     config = DicomWebConfig(url=args.archive, auth_file=args.auth_file, modality=args.modality,
-                            study_date_from=args.study_date_from, study_date_to=args.study_date_to,
-                            salt=load_or_create_salt(out, salt))
-    pulled = mirror.pull(config, progress=not args.no_progress)
+                            study_date_from=args.study_date_from, study_date_to=args.study_date_to, salt=salt or "")
+    mirror, pulled = pull_for_catalog(config, args.out, args.mirror, progress=not args.no_progress)
     for _, reason in pulled.errors:
         print(f"  FAILED [fetch] {reason}")
     print(f"PACS: {pulled.listed} series listed, {len(pulled.added)} new, {len(pulled.changed)} changed, "

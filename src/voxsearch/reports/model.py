@@ -24,7 +24,7 @@ from torch import nn
 
 from voxsearch.encoders.dcformer import DCFormer, dcformer
 from voxsearch.encoders.projector import MixerProjector, MixerProjectorConfig
-from voxsearch.encoders.report_lm import resolve_lm_dir
+from voxsearch.reports.lm import resolve_lm_dir
 
 FORMAT = "voxsearch-report-model"
 FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxsearch.encoders.report_model import LoraSettings, ReportModelConfig
+from voxsearch.reports.model import LoraSettings, ReportModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _vision_from(path) -> tuple[object, dict | None, str]:
 
 def _initial_model(cfg: ReportTrainConfig, work: Path) -> tuple[Path, dict]:
     """The directory workers start from, and the preprocessing the model expects."""
-    from voxsearch.encoders.report_model import build_report_model, read_report_meta, save_report_model
+    from voxsearch.reports.model import build_report_model, read_report_meta, save_report_model
 
     if cfg.init:
         meta = read_report_meta(cfg.init)
@@ -118,7 +118,7 @@ def _initial_model(cfg: ReportTrainConfig, work: Path) -> tuple[Path, dict]:
 def build_samples(series_ids, reports, findings, tasks, seed: int, vocab_rows, vqa_per_study: int | None = None
                   ) -> list[tuple[int, str | None, str]]:
     """(volume index, prompt or None for the report prompt, target text) training samples."""
-    from voxsearch.training.report_vqa import FindingVocabulary, generate_vqa
+    from voxsearch.reports.vqa import FindingVocabulary, generate_vqa
 
     samples: list[tuple[int, str | None, str]] = []
     if "report" in tasks:
@@ -141,7 +141,7 @@ def build_samples(series_ids, reports, findings, tasks, seed: int, vocab_rows, v
 
 def _m3d_samples(cfg: ReportTrainConfig, preprocess: dict, offset: int) -> tuple[list, list[np.ndarray]]:
     from voxsearch.ingest import IngestError, PreprocessConfig, preprocess_path
-    from voxsearch.training.report_vqa import read_m3d_vqa_csv
+    from voxsearch.reports.vqa import read_m3d_vqa_csv
 
     pre = PreprocessConfig.from_dict(preprocess)
     items = read_m3d_vqa_csv(cfg.m3d_vqa_csv, cfg.m3d_image_root)
@@ -178,7 +178,7 @@ def _train_loop(config: dict) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from voxsearch.encoders.report_model import load_report_model, save_report_model, wrap_lora
+    from voxsearch.reports.model import load_report_model, save_report_model, wrap_lora
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -211,7 +211,7 @@ class ReportDrafter:
         self.neighbours = config.draft_neighbours
         self.model = None
         if config.report_model:
-            from voxsearch.encoders.report_model import load_report_model
+            from voxsearch.reports.model import load_report_model
 
             _torch_threads(config.deployments.reporter.torch_threads)
             started = time.time()
@@ -226,7 +226,7 @@ class ReportDrafter:
         }
 
     async def retrieval(self, embedding: np.ndarray, exclude: list[str], detected: list[dict] | None = None) -> dict:
-        from voxsearch.serve.drafting import Neighbour, compose_draft
+        from voxsearch.reports.drafting import Neighbour, compose_draft
 
         # With detected findings, look further for neighbours whose reports state them.
         k = self.neighbours * (4 if detected is not None else 1) + len(exclude)

@@ -53,7 +53,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    from voxsearch.embed.sync import SyncConfig, sync_forever, sync_round
+    from voxsearch.sync.job import SyncConfig, sync_forever, sync_round
     from voxsearch.common.runtime import RayConfig
 
     cfg = SyncConfig(

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from voxsearch.encoders.finding_text import FindingMatcher
-from voxsearch.training.report_findings import finding_scores, paired_f1_bootstrap, truth_of
-from voxsearch.training.report_metrics import closed_vqa_accuracy, text_metrics
-from voxsearch.training.report_vqa import FindingVocabulary, VqaItem, generate_vqa, read_m3d_vqa_csv
+from voxsearch.reports.findings import finding_scores, paired_f1_bootstrap, truth_of
+from voxsearch.reports.metrics import closed_vqa_accuracy, text_metrics
+from voxsearch.reports.vqa import FindingVocabulary, VqaItem, generate_vqa, read_m3d_vqa_csv
 
 
 def _batches(n: int, size: int):

@@ -19,7 +19,7 @@ def default_model_dir() -> Path:
     """$VOXSEARCH_REPORT_MODEL, else the model `voxsearch train report` writes by default."""
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV])
-    from voxsearch.encoders.report_lm import cache_root
+    from voxsearch.reports.lm import cache_root
 
     return cache_root() / "models" / "report"
 
@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def _load_model(path: Path | None):
-    from voxsearch.encoders.report_model import load_report_model
+    from voxsearch.reports.model import load_report_model
 
     path = path or default_model_dir()
     if not (path / "config.json").is_file():
@@ -116,8 +116,8 @@ def register_train(stages) -> None:
 def build_train_config(args):
     import dataclasses
 
-    from voxsearch.encoders.report_model import LoraSettings, ReportModelConfig
-    from voxsearch.training.report_train import ReportTrainConfig
+    from voxsearch.reports.model import LoraSettings, ReportModelConfig
+    from voxsearch.reports.train import ReportTrainConfig
 
     model = ReportModelConfig(lm=str(args.lm) if args.lm else None, placeholder_offset=args.placeholder_offset)
     if args.vision_variant:
@@ -138,7 +138,7 @@ def build_train_config(args):
 
 def run_train(args) -> int:
     from voxsearch.training.integrity import SplitLeakageError
-    from voxsearch.training.report_train import train_report
+    from voxsearch.reports.train import train_report
 
     try:
         result = train_report(build_train_config(args))
@@ -216,7 +216,7 @@ def format_report_result(r: dict) -> str:
 def run_eval_report(args) -> int:
     from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.training.integrity import SplitLeakageError
-    from voxsearch.training.report_eval import evaluate_reports
+    from voxsearch.reports.evaluate import evaluate_reports
 
     if not args.catalog:
         log.error("eval report needs --catalog")
@@ -239,7 +239,7 @@ def run_eval_report(args) -> int:
 def run_eval_vqa(args) -> int:
     from voxsearch.common.runtime import RayConfig, init_ray
     from voxsearch.training.integrity import SplitLeakageError
-    from voxsearch.training.report_eval import evaluate_vqa
+    from voxsearch.reports.evaluate import evaluate_vqa
 
     if not args.catalog and not args.m3d_vqa_csv:
         log.error("eval vqa needs --catalog or --m3d-vqa-csv")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from voxsearch.encoders.finding_text import FindingMatcher
-from voxsearch.training.report_vqa import parse_findings
+from voxsearch.reports.vqa import parse_findings
 
 
 def truth_of(row) -> set[tuple[str, str | None]]:
