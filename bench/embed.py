@@ -59,7 +59,7 @@ def plain_loop(rows: list[dict], checkpoint: Path, out: Path) -> dict:
     import torch
 
     from voxsearch.embed.runner import resolve_model
-    from voxsearch.embed.store import write_table_atomic
+    from voxsearch.common.durable import atomic_write_parquet
     from voxsearch.encoders import load_clip
     from voxsearch.ingest import preprocess_volume, read_volume_row
     from voxsearch.ingest.preprocess import row_window
@@ -89,7 +89,7 @@ def plain_loop(rows: list[dict], checkpoint: Path, out: Path) -> dict:
     matrix = np.stack(vectors)
     table = pa.table({"id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])})
     out.mkdir(parents=True, exist_ok=True)
-    write_table_atomic(table, out / "part-loop-00000.parquet")
+    atomic_write_parquet(out / "part-loop-00000.parquet", table)
     stages["write"] = time.perf_counter() - t3
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "series": len(rows), "series_per_s": len(rows) / seconds, "stage_seconds": stages,
@@ -97,12 +97,13 @@ def plain_loop(rows: list[dict], checkpoint: Path, out: Path) -> dict:
 
 
 def pipeline(catalog: Path, checkpoint: Path, out: Path, batch_size: int) -> dict:
-    from voxsearch.embed import EmbedConfig, read_embeddings, run_embedding
+    from voxsearch.embed import EmbedConfig, run_embedding
+    from voxsearch.index import read_embeddings
 
     summary = run_embedding(EmbedConfig(catalog=catalog, checkpoint=checkpoint, out=out, batch_size=batch_size,
                                         progress=False))
-    table = read_embeddings(out, columns=["id", "vector"])
-    vectors = dict(zip(table.column("id").to_pylist(), np.array(table.column("vector").to_pylist(), np.float32)))
+    embeddings = read_embeddings(out)
+    vectors = dict(zip(embeddings.ids, embeddings.vectors))
     return {"seconds": summary.seconds, "series": summary.embedded, "failed": summary.failed, "actors": summary.actors,
             "series_per_s": summary.throughput, "stage_seconds": summary.stage_seconds, "vectors": vectors}
 

@@ -26,7 +26,9 @@ import numpy as np
 
 from voxsearch.index import IndexConfig, VectorIndex
 from voxsearch.index.factory import choose_factory, ivf_nlist
-from voxsearch.index.synthetic import clustered_vectors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from index_testlib import clustered_vectors  # noqa: E402 - the stand-in embeddings the index tests use
 
 RESULTS = Path(__file__).resolve().parent / "results" / "index.json"
 

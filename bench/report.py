@@ -128,7 +128,9 @@ def main(argv=None) -> int:
     else:
         if args.quick:
             from voxsearch.training.data import load_catalog
-            from voxsearch.reports.tiny_lm import build_tiny_lm
+
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny LM
+            from tiny_lm_testlib import build_tiny_lm
 
             reports = [r for r in load_catalog(catalog).column("report").to_pylist() if r]
             lm = str(build_tiny_lm(work / "tiny_lm", reports))

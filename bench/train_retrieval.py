@@ -82,7 +82,7 @@ def ratio(a, b):
 
 
 def _key(row: dict, level: str):
-    from voxsearch.training.metrics import parse_findings
+    from voxsearch.ingest.catalog import parse_findings
 
     found = parse_findings(row["findings"])
     body = row["body_part"]
@@ -101,7 +101,8 @@ LADDER = (("body part", "body"), ("+ abnormal", "abnormal"), ("+ organ", "organ"
 
 def oracle_ladder(rows: list[dict], k: int = 10) -> dict:
     """Expected t2i R@1/R@10 and finding P@10 of retrievers that know one key and rank at random inside it."""
-    from voxsearch.training.metrics import finding_queries, parse_findings
+    from voxsearch.ingest.catalog import parse_findings
+    from voxsearch.training.metrics import finding_queries
 
     findings = [parse_findings(r["findings"]) for r in rows]
     queries = finding_queries(findings)
@@ -141,7 +142,7 @@ def embedding_stats(model_dir: Path, catalog: Path, rows: list[dict], workers: i
     """Collapse and similar-case search on the test split's image embeddings."""
     from voxsearch.training.data import preprocessed_dataset
     from voxsearch.training.evaluate import _model_and_preprocess, embed_pairs
-    from voxsearch.training.metrics import parse_findings
+    from voxsearch.ingest.catalog import parse_findings
     import pyarrow as pa
 
     model, pp = _model_and_preprocess(model_dir, None)

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 from embed_testlib import EMBED_DIM, make_checkpoint
 
-from voxsearch.embed.mapper import ImageEncoder, load_row
+from voxsearch.embed.mapper import BulkEncoder, load_row
 from voxsearch.embed.reader import loader_blocks
 from voxsearch.embed.runner import _Batches, _driver_meta, resolve_model
-from voxsearch.embed.store import embedding_schema
+from voxsearch.embed.shards import embedding_schema
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_stages_give_the_model_output_and_one_row_per_input(catalog, checkpoint,
     assert "missing.nii.gz" in outputs[2]["error"] and outputs[2]["stage"] == "read"
     assert all(o["volume"].shape == (1, 32, 64, 64) and o["t_read"] >= 0 for o in outputs)
 
-    encoded = ImageEncoder(str(checkpoint), with_text=True, threads=1)(_batch(outputs))
+    encoded = BulkEncoder(str(checkpoint), with_text=True, threads=1)(_batch(outputs))
     model = load_clip(checkpoint)
     good = [0, 3, 4, 5]
     with torch.no_grad():
@@ -86,6 +86,6 @@ def test_a_volume_that_makes_the_model_fail_becomes_an_error_row(catalog, checkp
     rows = pa.concat_tables(loader_blocks(catalog.slice(0, 2), with_text=False, rows_per_block=2)).to_pylist()
     batch = _batch([dict(load_row(r, model_info.preprocess.to_dict()), report="") for r in rows])
     batch["volume"][1] = np.nan  # e.g. a decoder bug upstream: NaN must never reach the index
-    out = ImageEncoder(str(checkpoint), with_text=False, threads=1)(batch)
+    out = BulkEncoder(str(checkpoint), with_text=False, threads=1)(batch)
     assert list(out["error"] != "") == [False, True]
     assert out["stage"][1] == "model" and np.isfinite(out["vector"][0]).all()

@@ -16,7 +16,7 @@ import pytest
 from voxsearch.embed.config import EmbedConfig, EmbedError
 from voxsearch.embed.reader import loader_blocks, plan_rows, rows_per_task
 from voxsearch.embed.runner import _fixed_list, actor_plan
-from voxsearch.embed.store import ERROR_SCHEMA, EmbeddingStore, ShardWriter, StoredRow, embedding_schema
+from voxsearch.embed.shards import ERROR_SCHEMA, EmbeddingStore, ShardWriter, StoredRow, embedding_schema
 
 
 def _catalog(n: int) -> pa.Table:

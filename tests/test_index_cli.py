@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from index_testlib import clustered_vectors
 from voxsearch.cli import main
 from voxsearch.index import VectorIndex
-from voxsearch.index.synthetic import clustered_vectors
 
 D = 16
 

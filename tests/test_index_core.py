@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from index_testlib import clustered_vectors
 from voxsearch.index import IndexConfig, VectorIndex, choose_factory
-from voxsearch.index.synthetic import clustered_vectors
 
 
 def brute_force(data: np.ndarray, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> list[list[int]]:

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from index_testlib import clustered_vectors
 from voxsearch.index import IndexConfig, VectorIndex
-from voxsearch.index.synthetic import clustered_vectors
 
 N, D = 3000, 32
 

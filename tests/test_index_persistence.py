@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from index_testlib import clustered_vectors
+from voxsearch.common.hashing import sha256_file
 from voxsearch.index import IndexConfig, IndexCorruptError, IndexFormatError, ReadOnlyIndexError, VectorIndex
-from voxsearch.index import store
-from voxsearch.index.synthetic import clustered_vectors
+from voxsearch.index import versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_round_trip_keeps_everything(saved, data):
     assert set(m["files"]) == {"index.faiss", "ids.parquet", "vectors.npy", "metadata.parquet"}
     version = directory / (directory / "CURRENT").read_text().split()[0]
     for name, info in m["files"].items():
-        assert store.sha256_file(version / name) == info["sha256"]
+        assert sha256_file(version / name) == info["sha256"]
     on_disk = json.loads((version / "manifest.json").read_text())
     assert on_disk["format"] == "voxsearch-index" and on_disk["format_version"] == 1
 
@@ -62,7 +63,7 @@ def test_saving_twice_keeps_two_versions_and_no_temp(saved, data):
     index.save(directory)
     index.save(directory)
     names = sorted(p.name for p in directory.iterdir())
-    assert names == [store.LOCK_FILE, "CURRENT", "v000002", "v000003"]
+    assert names == [versions.LOCK_FILE, "CURRENT", "v000002", "v000003"]
     assert len(VectorIndex.load(directory)) == 1199
 
 
@@ -94,12 +95,12 @@ def test_truncated_missing_and_mismatched_files_are_refused(saved, tmp_path):
     (version / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexCorruptError, match="does not match its checksum"):
         VectorIndex.load(directory)
-    (directory / "CURRENT").write_text(f"v000001 {store.sha256_file(version / 'manifest.json')}\n")
+    (directory / "CURRENT").write_text(f"v000001 {sha256_file(version / 'manifest.json')}\n")
     with pytest.raises(IndexCorruptError, match="inconsistent: index.faiss has dimension 16, the manifest says 99"):
         VectorIndex.load(directory)
     manifest["dim"], manifest["format_version"] = 16, 99
     (version / "manifest.json").write_text(json.dumps(manifest))
-    (directory / "CURRENT").write_text(f"v000001 {store.sha256_file(version / 'manifest.json')}\n")
+    (directory / "CURRENT").write_text(f"v000001 {sha256_file(version / 'manifest.json')}\n")
     with pytest.raises(IndexFormatError, match="newer voxsearch"):
         VectorIndex.load(directory)
     with pytest.raises(IndexFormatError, match="not a voxsearch index folder"):
@@ -121,7 +122,7 @@ def test_injected_failure_mid_save_leaves_previous_version(saved, data, monkeypa
     monkeypatch.setattr(pq, "write_table", broken_write)
     with pytest.raises(OSError, match="injected"):
         index.save(directory)
-    assert sorted(p.name for p in directory.iterdir()) == [store.LOCK_FILE, "CURRENT", "v000001"]  # temp folder cleaned up
+    assert sorted(p.name for p in directory.iterdir()) == [versions.LOCK_FILE, "CURRENT", "v000001"]  # temp folder cleaned up
     assert results(VectorIndex.load(directory), data) == before
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from index_testlib import clustered_vectors
 from voxsearch.index import IndexConfig, ShardedIndex, VectorIndex, shard_of
-from voxsearch.index.synthetic import clustered_vectors
 
 
 def top(hits):

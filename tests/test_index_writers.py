@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from voxsearch.index import IndexConfig, IndexConflictError, IndexLockTimeout, VectorIndex, store, update_index
+from voxsearch.index import IndexConfig, IndexConflictError, IndexLockTimeout, VectorIndex, update_index, versions
 
 DIM = 8
 TIMEOUT = 120
@@ -42,28 +42,28 @@ def test_a_stale_expected_version_is_a_conflict_and_changes_nothing(saved):
     newer = VectorIndex.load(saved)
     newer.add(["other-writer"], _vectors(1, 1))
     newer.save(saved)
-    assert store.current_version(saved) == "v000002"
+    assert versions.current_version(saved) == "v000002"
     with pytest.raises(IndexConflictError, match=r"read version v000001, the folder now holds v000002") as caught:
-        store.write_version(saved, {"blob": lambda p: p.write_bytes(b"x")}, {}, expected="v000001")
+        versions.write_version(saved, {"blob": lambda p: p.write_bytes(b"x")}, {}, expected="v000001")
     assert str(saved) in str(caught.value)
     with pytest.raises(IndexConflictError):  # "no index there yet" is stale too
-        store.write_version(saved, {"blob": lambda p: p.write_bytes(b"x")}, {}, expected=None)
+        versions.write_version(saved, {"blob": lambda p: p.write_bytes(b"x")}, {}, expected=None)
     stale.add(["mine"], _vectors(1, 2))
     with pytest.raises(IndexConflictError):  # a loaded index expects the version it was loaded from
         stale.save(saved)
-    assert store.current_version(saved) == "v000002" and not _temp_folders(saved)
+    assert versions.current_version(saved) == "v000002" and not _temp_folders(saved)
     assert "other-writer" in VectorIndex.load(saved)
 
 
 def test_a_held_lock_times_out_naming_the_index_folder(saved):
-    with open(saved / store.LOCK_FILE, "a") as other_writer:
+    with open(saved / versions.LOCK_FILE, "a") as other_writer:
         fcntl.flock(other_writer, fcntl.LOCK_EX)
         index = VectorIndex.load(saved)
         index.add(["x"], _vectors(1, 3))
         with pytest.raises(IndexLockTimeout, match=re.escape(f"index {saved} is being written by another writer")):
-            store.write_version(saved, {"blob": lambda p: p.write_bytes(b"x")}, {}, expected=index.version,
+            versions.write_version(saved, {"blob": lambda p: p.write_bytes(b"x")}, {}, expected=index.version,
                                 lock_timeout=0.2)
-    assert store.current_version(saved) == "v000001"
+    assert versions.current_version(saved) == "v000001"
 
 
 def test_prune_spares_a_live_writers_temp_folder(saved):
@@ -76,7 +76,7 @@ def test_prune_spares_a_live_writers_temp_folder(saved):
 
     def other_writer() -> None:
         try:
-            store.write_version(saved, {"blob": slow_write}, {}, expected="v000001")
+            versions.write_version(saved, {"blob": slow_write}, {}, expected="v000001")
         except Exception as exc:  # noqa: BLE001 - handed to the test thread
             outcome.append(exc)
 
@@ -142,14 +142,14 @@ def interloper(monkeypatch):
 
 
 def _embedding_folder(root: Path, ids: list[str], seed: int, part: int) -> None:
-    from voxsearch.embed.store import write_table_atomic
+    from voxsearch.common.durable import atomic_write_parquet
 
     root.mkdir(parents=True, exist_ok=True)
     vectors = _vectors(len(ids), seed)
     table = pa.table({"id": pa.array(ids, pa.string()),
                       "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
                       "modality": pa.array(["CT"] * len(ids), pa.string())})
-    write_table_atomic(table, root / f"part-test-{part:05d}.parquet")
+    atomic_write_parquet(root / f"part-test-{part:05d}.parquet", table)
 
 
 def _cli(*argv: str) -> int:
@@ -182,7 +182,7 @@ def test_every_writer_keeps_a_version_saved_meanwhile(saved, tmp_path, interlope
         wanted, gone = {"up1"}, set()
     else:
         from voxsearch.embed.index_sync import sync_index
-        from voxsearch.embed.store import EmbeddingStore
+        from voxsearch.embed.shards import EmbeddingStore
 
         embeddings = tmp_path / "emb"
         _embedding_folder(embeddings, [f"s{i}" for i in range(10)], 0, 0)

@@ -25,7 +25,8 @@ from voxsearch.ingest import (
 )
 from voxsearch.ingest.catalog import read_all_rows
 
-REQUIRED = ["study_id", "series_id", "patient_key", "source_path", "source_format", "content_sha256", "modality",
+REQUIRED = ["study_id", "series_id", "patient_key", "source_path", "source_format", "file_sha256", "content_sha256",
+            "modality",
             "body_part", "shape", "spacing", "orientation", "report", "split", "findings", "abnormal", "study_date",
             "schema_version"]
 
@@ -63,7 +64,7 @@ def test_tiny_catalog_rows_and_columns(tiny_catalog):
     assert set(REQUIRED) <= set(table.column_names)
     rows = table.to_pylist()
     assert len({r["series_id"] for r in rows}) == 24
-    assert {r["schema_version"] for r in rows} == {1}
+    assert {r["schema_version"] for r in rows} == {2}
     assert {r["split"] for r in rows} <= {"train", "validation", "test"}
     assert {r["source_format"] for r in rows} == {"nifti", "dicom"}
     split_of = {}
@@ -73,7 +74,7 @@ def test_tiny_catalog_rows_and_columns(tiny_catalog):
         assert r["report"] and isinstance(r["abnormal"], bool)
         json.loads(r["findings"])
     assert len(split_of) < 24  # studies share patients through the salted patient_key
-    assert pq.read_schema(next((tiny_catalog / "rows").glob("part-*.parquet"))).metadata[b"voxsearch_schema_version"] == b"1"
+    assert pq.read_schema(next((tiny_catalog / "rows").glob("part-*.parquet"))).metadata[b"voxsearch_schema_version"] == b"2"
 
 
 def test_tiny_catalog_rows_load_as_model_input(tiny_catalog):
@@ -152,6 +153,40 @@ def test_incremental_runs_add_only_new_or_changed(tmp_path):
     assert run_ingest(IngestConfig(archive=archive, out=tmp_path / "cat2", engine="local", progress=False,
                                    salt="other")).added == 4
     assert not set(read_catalog(tmp_path / "cat2").column("series_id").to_pylist()) & set(ids)
+
+
+def test_schema_1_catalog_is_read_and_stays_incremental(tmp_path):
+    """Schema 1 rows hold the file hash in content_sha256 and no file_sha256: a rerun still skips them."""
+    archive = tmp_path / "arch"
+    archive.mkdir()
+    save_nifti(archive / "v0.nii.gz", phantom_hu(seed=0), np.eye(4))
+    write_axial_dicom(archive / "series1", phantom_hu(seed=9))
+    out = tmp_path / "cat"
+    cfg = IngestConfig(archive=archive, out=out, engine="local", progress=False, salt="s")
+    run_ingest(cfg)
+    file_hashes = {}
+    for shard in (out / "rows").glob("part-*.parquet"):
+        table = pq.read_table(shard)
+        file_hashes.update(zip(table.column("series_id").to_pylist(), table.column("file_sha256").to_pylist()))
+        table = table.set_column(table.schema.get_field_index("content_sha256"), "content_sha256",
+                                 table.column("file_sha256")).drop_columns(["file_sha256"])
+        table = table.set_column(table.schema.get_field_index("schema_version"), "schema_version",
+                                 pa.array([1] * table.num_rows, pa.int32()))
+        pq.write_table(table.replace_schema_metadata({"voxsearch_schema_version": "1"}), shard)
+    meta = json.loads((out / "catalog.json").read_text())
+    (out / "catalog.json").write_text(json.dumps({**meta, "schema_version": 1}))
+
+    old = {r["series_id"]: r for r in read_catalog(out).to_pylist()}
+    assert {sid: r["file_sha256"] for sid, r in old.items()} == file_hashes
+    assert all(r["content_sha256"] == r["file_sha256"] for r in old.values())
+    again = run_ingest(cfg)
+    assert (again.added, again.skipped) == (0, 2)
+    save_nifti(archive / "v1.nii.gz", phantom_hu(seed=1), np.eye(4))
+    assert run_ingest(cfg).added == 1
+    rows = read_catalog(out).to_pylist()
+    new = [r for r in rows if r["series_id"] not in old]
+    assert len(new) == 1 and new[0]["schema_version"] == 2 and new[0]["content_sha256"] != new[0]["file_sha256"]
+    assert {r["series_id"]: r["content_sha256"] for r in rows if r["series_id"] in old} == file_hashes
 
 
 def test_manifest_parquet_extras_reports_and_auto_split(tmp_path):

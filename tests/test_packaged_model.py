@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from phantom_eval_testlib import DEMO_QUERIES, draw_phantoms, query_precision
 from voxsearch.encoders import load_clip, packaged_checkpoint, read_clip_meta
 from voxsearch.ingest import PreprocessConfig
-from voxsearch.training.phantom_eval import DEMO_QUERIES, draw_phantoms, query_precision
 
 UNSEEN_SEED = 31337  # training used the bench archive (seed 0); the demo draws seed 2026
 

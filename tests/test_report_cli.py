@@ -37,7 +37,7 @@ def test_stage2_without_init_is_refused(tmp_path, caplog):
 def test_stage1_stage2_report_and_eval_on_the_synthetic_catalog(tiny_catalog, tmp_path, capsys):
     """The whole CLI path on the ingested phantom archive, with a tiny LM."""
     from voxsearch.ingest import read_catalog
-    from voxsearch.reports.tiny_lm import build_tiny_lm
+    from tiny_lm_testlib import build_tiny_lm
 
     table = read_catalog(tiny_catalog)
     lm = build_tiny_lm(tmp_path / "lm", [r for r in table.column("report").to_pylist() if r])

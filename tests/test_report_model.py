@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tiny_lm_testlib import build_tiny_lm
 from voxsearch.reports.model import (
     ReportModelConfig,
     build_report_model,
@@ -15,7 +16,6 @@ from voxsearch.reports.model import (
     save_report_model,
     stage_tokens,
 )
-from voxsearch.reports.tiny_lm import build_tiny_lm
 
 IMAGE = (32, 64, 64)
 TEXTS = ["There is a 12 mm nodule in the right lung.", "No abnormality is seen.", "A 20 mm cyst in the liver."]

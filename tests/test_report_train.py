@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
+from tiny_lm_testlib import TinyLMConfig, build_tiny_lm
 from voxsearch.reports.model import ReportModelConfig, build_report_model, load_report_model, save_report_model
-from voxsearch.reports.tiny_lm import TinyLMConfig, build_tiny_lm
 
 SIZE = (24, 48, 48)
 IMAGE = (32, 64, 64)

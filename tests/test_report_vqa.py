@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from voxsearch.reports.vqa import FindingVocabulary, generate_vqa, parse_findings, read_m3d_vqa_csv
+from voxsearch.ingest.catalog import parse_findings
+from voxsearch.reports.vqa import FindingVocabulary, generate_vqa, read_m3d_vqa_csv
 
 ROWS = [
     {"series_id": "a", "findings": json.dumps([{"type": "nodule", "organ": "lung", "side": "right", "size_mm": 12,
@@ -48,7 +49,7 @@ def test_generated_questions_answer_from_ground_truth():
 
 def test_bad_findings_json_names_the_series():
     with pytest.raises(ValueError, match="series x"):
-        parse_findings({"series_id": "x", "findings": "{not json"})
+        parse_findings("{not json", "x")
 
 
 def _write_m3d(path, rows):

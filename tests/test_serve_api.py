@@ -106,7 +106,7 @@ def served(ray_session, tiny_catalog, tmp_path_factory):
 
 def _tiny_report_model(root: Path, reports: list[str], pp):
     from voxsearch.reports.model import ReportModelConfig, build_report_model, save_report_model
-    from voxsearch.reports.tiny_lm import build_tiny_lm
+    from tiny_lm_testlib import build_tiny_lm
 
     lm = build_tiny_lm(root / "lm", [r for r in reports if r] or ["no findings."])
     cfg = ReportModelConfig(vision_variant="nano", image_size=SIZE, lm=str(lm), low_tokens=(8, 4), high_tokens=(4, 4),
@@ -473,6 +473,19 @@ def test_embed_dicom_study_then_find_it(served):
     for secret in PHI:
         assert secret.encode() not in raw
     assert list((served["root"] / "uploads").iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "dicom"])
+def test_embed_of_a_catalogued_scan_is_a_duplicate(served, fmt):
+    row = _row(served, source_format=fmt)
+    name, data = _source_upload(row)
+    c = served["client"]
+    before = c.get("/api/v1/ready").json()["components"]["searcher"]
+    r = c.post("/api/v1/embed", files={"file": (name, data)}, data={"scan_modality": row["modality"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["duplicate"] is True and body["series_id"] == row["series_id"]
+    assert body["index_size"] == before["size"] and body["metadata"]["split"] == row["split"]
 
 
 def test_reader_errors_and_stored_reports_hold_no_header_text(served):

@@ -261,6 +261,7 @@ def test_start_refuses_a_running_proxy_on_a_public_address_without_keys(tmp_path
     import ray.serve
 
     import voxsearch.common.runtime
+    import voxsearch.serve.deployments
     from voxsearch.serve import app
 
     monkeypatch.delenv("VOXSEARCH_API_KEYS", raising=False)
@@ -269,6 +270,8 @@ def test_start_refuses_a_running_proxy_on_a_public_address_without_keys(tmp_path
     config = ServeConfig(index=str(tmp_path / "index"), checkpoint=str(tmp_path / "ckpt"),
                          catalog=str(tmp_path / "cat"))
     served = []
+    # The folders are placeholders: what a real checkpoint and index would have to pass is not at stake.
+    monkeypatch.setattr(voxsearch.serve.deployments, "check_before_start", lambda cfg: None)
     monkeypatch.setattr(voxsearch.common.runtime, "init_ray", lambda cfg: None)
     monkeypatch.setattr(ray.serve, "start", lambda http_options: None)  # a running instance keeps its options
     monkeypatch.setattr(ray.serve, "run", lambda *a, **k: served.append(a))

@@ -126,7 +126,7 @@ def test_embed_stores_the_report_scrubbed_of_the_uploads_header_identifiers(tmp_
     import pyarrow.parquet as pq
 
     from voxsearch.serve import api
-    from voxsearch.serve.added_store import AddedStudies
+    from voxsearch.serve.added_studies import AddedStudies
 
     upload = asyncio.run(api.read_upload(io.BytesIO(dicom_series_zip()), None, [], Limits(), str(tmp_path)))
     assert PATIENT in upload.identifiers

@@ -290,6 +290,33 @@ def test_public_metadata_drops_identifiers():
     assert out["study_year"] == 2021 and out["shape"] == [3, 4, 5] and out["findings"] == [{"type": "nodule"}]
 
 
+def test_an_upload_of_an_ingested_scan_is_found_by_its_voxels(tmp_path):
+    """One scan ingested as NIfTI and as a DICOM folder, then uploaded as a DICOM zip: one content hash."""
+    import nibabel as nib
+    from serve_testlib import dicom_series_zip
+
+    from voxsearch.ingest import IngestConfig, read_catalog, run_ingest
+    from voxsearch.serve import api
+    from voxsearch.serve.studies import StudyCatalog
+
+    hu = np.random.default_rng(0).integers(-1000, 1000, (20, 16, 6)).astype(np.int16)
+    series_zip = dicom_series_zip(hu, ("Doe^Jane", "PID-1", "19491231"), spacing=(1.2, 1.2, 2.5))
+    archive = tmp_path / "archive"
+    zipfile.ZipFile(io.BytesIO(series_zip)).extractall(archive / "series")
+    # The same voxels in RAS: DICOM's patient axes x and y point left and back.
+    nib.save(nib.Nifti1Image(hu, np.diag([-1.2, -1.2, 2.5, 1.0])), archive / "scan.nii.gz")
+    run_ingest(IngestConfig(archive=archive, out=tmp_path / "catalog", engine="local", salt="s", progress=False,
+                            check_preprocess=None))
+    rows = read_catalog(tmp_path / "catalog").to_pylist()
+    assert sorted(r["source_format"] for r in rows) == ["dicom", "nifti"]
+    assert rows[0]["file_sha256"] != rows[1]["file_sha256"]
+    assert rows[0]["content_sha256"] == rows[1]["content_sha256"]
+
+    upload = asyncio.run(api.read_upload(io.BytesIO(series_zip), None, [], Limits(), str(tmp_path)))
+    studies = StudyCatalog(tmp_path / "catalog", tmp_path / "added")
+    assert studies.find_content(api.added_row(upload, None, None)["content_sha256"]) == rows[0]["series_id"]
+
+
 def test_excerpt_and_ids_and_filters():
     assert excerpt("word " * 100, 40).endswith("…") and len(excerpt("word " * 100, 40)) <= 41
     assert excerpt(None, 10) is None

@@ -48,14 +48,15 @@ def test_the_index_follows_its_embeddings_down_to_empty_and_back(tmp_path):
     """The index side of a sync round whose last series left: it used to stop with
     `compact: the index has no rows left`."""
     from voxsearch.embed.index_sync import sync_index
-    from voxsearch.embed.store import EmbeddingStore, write_table_atomic
+    from voxsearch.common.durable import atomic_write_parquet
+    from voxsearch.embed.shards import EmbeddingStore
 
     def shard(ids: list[str], seed: int, part: int) -> None:
         vectors = _vectors(len(ids), seed)
-        write_table_atomic(pa.table({"id": pa.array(ids, pa.string()),
-                                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
-                                     "model_id": pa.array(["m"] * len(ids), pa.string())}),
-                           tmp_path / "emb" / f"part-t-{part:05d}.parquet")
+        atomic_write_parquet(tmp_path / "emb" / f"part-t-{part:05d}.parquet",
+                             pa.table({"id": pa.array(ids, pa.string()),
+                                       "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
+                                       "model_id": pa.array(["m"] * len(ids), pa.string())}))
 
     (tmp_path / "emb").mkdir()
     store = EmbeddingStore(tmp_path / "emb")

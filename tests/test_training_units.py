@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from voxsearch.ingest.catalog import parse_findings
 from voxsearch.training.integrity import SplitLeakageError, check_split, require_clean
 from voxsearch.training.metrics import (
-    FindingQuery, eval_sizes, finding_precision, finding_queries, parse_findings, protocol_recall, recall_at_k)
+    FindingQuery, eval_sizes, finding_precision, finding_queries, protocol_recall, recall_at_k)
 from voxsearch.training.schedule import warmup_cosine
 from voxsearch.training.text import split_sentences, truncate_report
 

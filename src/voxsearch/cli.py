@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
 
 from voxsearch import __version__, commands
@@ -17,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search archives of 3D medical scans (CT, MRI) by free text and by example scan.",
     )
     parser.add_argument("--version", action="version", version=f"voxsearch {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's logs and other libraries', at debug level (default: the project's "
+                        "progress lines and results, and Ray's errors)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -32,14 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("voxsearch").setLevel(logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
-    return int(result or 0)
+    from voxsearch.common.runtime import (Terminated, ray_initialized, show_ray_logs, shutdown_ray,
+                                         sigterm_as_interrupt)
+
+    show_ray_logs(args.verbose)
+    ray_before = ray_initialized()  # called in a process that runs Ray already (tests): leave it be
+    with sigterm_as_interrupt():
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt as stop:
+            sig = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+            print(f"voxsearch: stopped by {sig.name}", file=sys.stderr, flush=True)
+            return 128 + sig
+        finally:
+            if not ray_before:
+                shutdown_ray()
 
 
 if __name__ == "__main__":

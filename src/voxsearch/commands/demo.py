@@ -69,7 +69,7 @@ def _skip(label: str, path: Path) -> None:
 def run(args) -> int:
     import shutil
 
-    from voxsearch.common.runtime import RayConfig, init_ray
+    from voxsearch.common.runtime import RayConfig, init_ray_while
 
     root = Path(args.dir).resolve()
     if args.fresh and root.exists():
@@ -79,15 +79,17 @@ def run(args) -> int:
     checkpoint, embeddings, index = root / "checkpoint", root / "embeddings", root / "index"
     total = 4 if args.no_serve else 5
     started = time.perf_counter()
-    init_ray(RayConfig(address=args.ray_address))
 
-    if (archive / "manifest.csv").is_file():
-        _skip("[1] synthetic archive", archive)
-    else:
+    def synthesize() -> None:
+        if (archive / "manifest.csv").is_file():
+            _skip("[1] synthetic archive", archive)
+            return
         from voxsearch.ingest import SynthConfig, generate_archive
 
         with _Stage(1, total, f"generating {args.studies} synthetic studies"):
             generate_archive(SynthConfig(n=args.studies, seed=DEMO_SEED, out=archive))
+
+    init_ray_while(synthesize, RayConfig(address=args.ray_address))
 
     from voxsearch.ingest import IngestConfig, read_catalog, run_ingest
 

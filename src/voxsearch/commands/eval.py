@@ -31,7 +31,7 @@ def _register_retrieval(stages) -> None:
                     "(the synthetic archive) also precision@10 of finding queries. Refuses a split that "
                     "shares scans (content hash) or patients with another split.\n"
                     "example: voxsearch eval retrieval --checkpoint runs/clip/model --catalog catalog")
-    p.add_argument("--checkpoint", required=True, type=Path, help="CLIP checkpoint directory (load_clip)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="CLIP checkpoint directory (save_clip format)")
     p.add_argument("--catalog", required=True, type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--ns", type=int, nargs="+", default=[100, 500, 1000, 2000])

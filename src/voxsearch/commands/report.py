@@ -78,9 +78,9 @@ def register_train(stages) -> None:
         description="Stage 1 trains the MLP-Mixer projector and the new image-token embeddings with the vision "
                     "tower and LM frozen; stage 2 fine-tunes the LM (full or --lora) and the projector on report "
                     "writing and VQA generated from the catalog's ground-truth findings (and M3D-VQA CSVs).",
-        epilog="example (CPU, reduced volume size, embedded SmolLM2-135M):\n"
-               "  voxsearch train report --stage 1 --catalog catalog --out runs/report1 --image-size 32 64 64 \\\n"
-               "      --vision-init runs/clip/model\n"
+        epilog="example (CPU, embedded SmolLM2-135M; the vision tower, its input size and preprocessing come "
+               "from the CLIP checkpoint):\n"
+               "  voxsearch train report --stage 1 --catalog catalog --out runs/report1 --vision-init runs/clip/model\n"
                "  voxsearch train report --stage 2 --catalog catalog --init runs/report1 --out runs/report2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
@@ -91,7 +91,7 @@ def register_train(stages) -> None:
     p.add_argument("--vision-init", type=Path, help="stage 1: CLIP checkpoint dir or Med3DVLM DCFormer file")
     p.add_argument("--vision-variant", default=None, help="stage 1 without --vision-init (default small)")
     p.add_argument("--image-size", type=int, nargs=3, metavar=("D", "H", "W"),
-                   help="stage 1: model input size (default 128 256 256; must match a --vision-init's)")
+                   help="stage 1: model input size (default: a CLIP --vision-init's, else 128 256 256)")
     p.add_argument("--visual-tokens", type=int, nargs=2, metavar=("LOW", "HIGH"),
                    help="stage 1: visual tokens per stream (default 128 128, as published)")
     p.add_argument("--tasks", nargs="+", choices=["report", "vqa"], default=["report", "vqa"])
@@ -123,6 +123,7 @@ def build_train_config(args):
     if args.vision_variant:
         model = dataclasses.replace(model, vision_variant=args.vision_variant)
     if args.image_size:
+        _check_vision_init_size(args.vision_init, tuple(args.image_size))
         model = dataclasses.replace(model, image_size=tuple(args.image_size))
     if args.visual_tokens:
         low, high = args.visual_tokens
@@ -134,6 +135,18 @@ def build_train_config(args):
         lm_lr=args.lm_lr, lora=LoraSettings(r=args.lora, alpha=2 * args.lora) if args.lora else None,
         train_vision=args.train_vision, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         max_train_studies=args.max_train_studies, seed=args.seed, ray_address=args.ray_address)
+
+
+def _check_vision_init_size(vision_init: Path | None, size: tuple[int, ...]) -> None:
+    """A CLIP --vision-init brings the size its tower was trained at: another --image-size is refused."""
+    if not vision_init or not vision_init.is_dir():
+        return
+    from voxsearch.encoders import open_checkpoint
+
+    trained = open_checkpoint(vision_init).image_size
+    if size != trained:
+        raise ValueError(f"--image-size {size} differs from {trained}, the size the --vision-init {vision_init} "
+                         "tower was trained at; leave --image-size out to use it")
 
 
 def run_train(args) -> int:

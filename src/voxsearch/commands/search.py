@@ -54,14 +54,11 @@ def parse_filters(items: list[str]) -> dict:
     return filters
 
 
-def _check_model(index, checkpoint) -> str:
-    from voxsearch.encoders import model_id
-
-    mid = model_id(checkpoint)
+def _check_model(index, checkpoint) -> None:
     indexed = index.manifest.get("source", {}).get("model_id")
-    if indexed and indexed != mid:
-        raise ValueError(f"index was embedded with model {indexed}, but --checkpoint {checkpoint} is model {mid}")
-    return mid
+    if indexed and indexed != checkpoint.model_id:
+        raise ValueError(f"index was embedded with model {indexed}, but --checkpoint {checkpoint.path} is model "
+                         f"{checkpoint.model_id}")
 
 
 def query_vector(args, index):
@@ -75,19 +72,19 @@ def query_vector(args, index):
             raise ValueError(f"--like {args.like}: no such series in index {args.index}") from None
     if not args.checkpoint:
         raise ValueError("a text or --scan query needs --checkpoint (the model the index was embedded with)")
-    _check_model(index, args.checkpoint)
-    from voxsearch.encoders import load_clip
+    from voxsearch.encoders import open_checkpoint
 
-    model = load_clip(args.checkpoint).prepare_for_inference()
+    checkpoint = open_checkpoint(args.checkpoint)
+    _check_model(index, checkpoint)
+    model = checkpoint.load_model(inference=True)
     with model.inference():
         if args.scan:
             import torch
 
-            from voxsearch.embed.runner import resolve_model
-            from voxsearch.ingest import preprocess_path
+            from voxsearch.ingest import PreprocessConfig, preprocess_path
 
-            preprocess = resolve_model(args.checkpoint).preprocess
-            volume = preprocess_path(args.scan, preprocess, modality=args.modality)
+            volume = preprocess_path(args.scan, PreprocessConfig.from_dict(checkpoint.preprocess),
+                                     modality=args.modality)
             return model.encode_image(torch.from_numpy(volume)[None]).float().numpy()
         return model.encode_query([args.text]).float().numpy()  # finding-aware, as the server
 

@@ -59,6 +59,13 @@ def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644, **dumps_kwargs
     atomic_write_text(path, json.dumps(obj, **dumps_kwargs), mode=mode)
 
 
+def atomic_write_parquet(path: Path, table, **write_options) -> None:
+    """`table` (a pyarrow Table) as a Parquet file; `write_options` go to pyarrow.parquet.write_table."""
+    import pyarrow.parquet as pq
+
+    atomic_write(path, lambda fh: pq.write_table(table, fh, **write_options))
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under `root` (a staged folder, before it is renamed into place)."""
     root = Path(root)

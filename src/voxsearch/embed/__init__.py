@@ -6,6 +6,5 @@ Resumable and exactly-once: every catalog row ends as one embedding row or one e
 
 from voxsearch.embed.config import EmbedConfig, EmbedError, EmbedSummary
 from voxsearch.embed.runner import run_embedding
-from voxsearch.embed.store import read_embed_errors, read_embeddings
 
-__all__ = ["EmbedConfig", "EmbedError", "EmbedSummary", "run_embedding", "read_embeddings", "read_embed_errors"]
+__all__ = ["EmbedConfig", "EmbedError", "EmbedSummary", "run_embedding"]

@@ -5,18 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from voxsearch.embed.config import EmbedError
-from voxsearch.embed.store import EmbeddingStore
+from voxsearch.embed.shards import EmbeddingStore
+from voxsearch.index.embeddings import split_embedding_table
 
 log = logging.getLogger(__name__)
-
-# Vectors live in faiss; the text vector is a per-row training/eval aid, not search metadata.
-NOT_METADATA = ("id", "vector", "text_vector")
 
 
 def _rows_for(store: EmbeddingStore, wanted: set[str] | None) -> pa.Table | None:
@@ -36,14 +33,6 @@ def _rows_for(store: EmbeddingStore, wanted: set[str] | None) -> pa.Table | None
     return pa.concat_tables(parts, promote_options="default")
 
 
-def _split(table: pa.Table) -> tuple[list[str], np.ndarray, pa.Table]:
-    vectors = table.column("vector").combine_chunks()
-    dim = vectors.type.list_size
-    matrix = vectors.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    metadata = table.drop_columns([c for c in NOT_METADATA if c in table.column_names])
-    return table.column("id").to_pylist(), matrix, metadata
-
-
 def sync_index(index_dir: Path, store: EmbeddingStore, model_id: str, index_config=None) -> dict:
     """Build `index_dir` from every embedding row, or update it: add ids it lacks, replace re-embedded ids,
     delete ids whose new content failed. Works from the folder's state, so a run killed between writing
@@ -58,7 +47,7 @@ def sync_index(index_dir: Path, store: EmbeddingStore, model_id: str, index_conf
         table = _rows_for(store, None)
         if table is None:
             return None
-        ids, matrix, metadata = _split(table)
+        ids, matrix, metadata = split_embedding_table(table, store.root)
         return VectorIndex.build(ids, matrix, metadata, index_config or IndexConfig(), source=source)
 
     def catch_up(index: VectorIndex) -> tuple[int, int]:
@@ -73,7 +62,7 @@ def sync_index(index_dir: Path, store: EmbeddingStore, model_id: str, index_conf
         deleted = index.delete(sorted(superseded - embedded))
         added = 0
         if wanted:
-            ids, matrix, metadata = _split(_rows_for(store, wanted))
+            ids, matrix, metadata = split_embedding_table(_rows_for(store, wanted), store.root)
             if matrix.shape[1] != index.dim:
                 raise EmbedError(f"index {index_dir} has dimension {index.dim}, the embeddings have {matrix.shape[1]}")
             added = index.add(ids, matrix, metadata, replace=True)

@@ -55,18 +55,20 @@ def load_row(row: dict, preprocess: dict, threads: int = 1) -> dict:
     return out
 
 
-class ImageEncoder:
-    """Actor for `Dataset.map_batches`: loads the checkpoint once, embeds volumes (and reports)."""
+class BulkEncoder:
+    """Actor for `Dataset.map_batches`: loads the checkpoint once, embeds catalog batches (volumes and
+    reports), turning a row the model fails on into an error row. (Serving encodes requests with
+    voxsearch.serve's ImageEncoder deployment.)"""
 
     def __init__(self, checkpoint: str, with_text: bool, threads: int):
         import torch
 
-        from voxsearch.encoders import load_clip
+        from voxsearch.encoders import open_checkpoint
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.model = load_clip(checkpoint, device=self.device).prepare_for_inference()
+        self.model = open_checkpoint(checkpoint).load_model(self.device, inference=True)
         self.dim = int(self.model.config.embed_dim)
         self.with_text = with_text
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from voxsearch.embed.config import EmbedError
-from voxsearch.embed.store import StoredRow
+from voxsearch.embed.shards import StoredRow
 
 REQUIRED_COLUMNS = ("series_id", "content_sha256", "source_path")
 # Catalog columns the read tasks never need: keep them out of the Ray objects.

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from voxsearch.embed.config import EmbedConfig, EmbedError, EmbedSummary
-from voxsearch.embed.mapper import ImageEncoder, load_row
+from voxsearch.embed.mapper import BulkEncoder, load_row
 from voxsearch.embed.reader import Plan, load_catalog, loader_blocks, plan_rows, rows_per_task
-from voxsearch.embed.store import (
+from voxsearch.embed.shards import (
     ERROR_SCHEMA,
     META_COLUMNS,
     REPORT_EXCERPT_CHARS,
@@ -41,25 +41,15 @@ class ModelInfo:
 
 
 def resolve_model(checkpoint: Path) -> ModelInfo:
-    """Model id and the preprocessing the checkpoint was trained with (else defaults at its image size)."""
-    from voxsearch.encoders import model_id, read_clip_meta
+    """Model id and preprocessing of the checkpoint (its contract: see voxsearch.encoders.open_checkpoint)."""
+    from voxsearch.encoders import open_checkpoint
     from voxsearch.ingest import PreprocessConfig
 
     try:
-        meta = read_clip_meta(checkpoint)
-        mid = model_id(checkpoint)
+        opened = open_checkpoint(checkpoint)
+        return ModelInfo(opened.model_id, PreprocessConfig.from_dict(opened.preprocess), opened.embed_dim)
     except (OSError, ValueError) as e:
         raise EmbedError(f"cannot use checkpoint {checkpoint}: {e}") from e
-    clip = meta.get("clip_config", {})
-    stored = (meta.get("extra") or {}).get("preprocess")
-    if stored:
-        preprocess = PreprocessConfig.from_dict(stored)
-    elif clip.get("image_size"):
-        # No record of training-time preprocessing: defaults, at the size the model expects.
-        preprocess = PreprocessConfig(spatial_size=tuple(clip["image_size"]))
-    else:
-        preprocess = PreprocessConfig()
-    return ModelInfo(mid, preprocess, int(clip.get("embed_dim", 0)))
 
 
 def actor_plan(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> dict:
@@ -181,7 +171,7 @@ def _run_pipeline(cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddi
                     # would leave the model idle while its actor reads files.
                     num_cpus=cfg.read_cpus, memory=cfg.read_memory)
         ds = ds.map_batches(
-            ImageEncoder,
+            BulkEncoder,
             fn_constructor_kwargs={"checkpoint": str(cfg.checkpoint.resolve()), "with_text": cfg.with_text,
                                    "threads": actors["threads"]},
             batch_size=cfg.batch_size,

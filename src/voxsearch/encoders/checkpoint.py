@@ -10,18 +10,27 @@ inside the voxsearch package; loading takes the text weights from the installed 
 
 Directories are written to a temporary sibling and renamed into place, so a reader never sees half a
 checkpoint and a failed save leaves the previous one intact.
+
+Whatever feeds a checkpoint scans (embedding, serving, search, evaluation, the report model's vision init)
+opens it with ``open_checkpoint``: one ``ClipCheckpoint`` holds the model config, the preprocessing
+contract and the model id, read and checked once, so none of them can re-derive the contract differently.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
+
+from voxsearch.common.durable import replace_dir
+from voxsearch.common.hashing import sha256_file
 
 from .clip import ClipConfig, ClipModel
 from .inference import is_folded
@@ -64,7 +73,7 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
         if not packaged_text:
             model.text.save_pretrained_files(tmp / TEXT_SUBDIR)
         (tmp / CONFIG).write_text(meta_text)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -74,8 +83,10 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
 def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -> Path:
     """Copy checkpoint ``src`` to ``dest``; with ``packaged_text`` leave out the text tower, which must then
     be the packaged default tower with its weights unchanged (checked tensor by tensor)."""
-    model = load_clip(src)
-    extra = read_clip_meta(src).get("extra")
+    src = Path(src)
+    meta = read_clip_meta(src)
+    model = _build_model(src, meta, _clip_config(src, meta), "cpu")
+    extra = meta.get("extra")
     if packaged_text:
         from .text import TextTower, TextTowerConfig
 
@@ -88,29 +99,20 @@ def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -
     return save_clip(model, dest, extra=extra, packaged_text=packaged_text)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-    os.replace(dst, old / "prev")
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old / "prev", dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def read_clip_meta(directory: str | Path) -> dict:
     """The checkpoint's config.json (format, version, clip_config, extra); checks format and version."""
-    path = Path(directory) / CONFIG
+    return _read_meta(Path(directory))[0]
+
+
+def _read_meta(directory: Path) -> tuple[dict, bytes]:
+    """config.json parsed and checked, with its bytes (part of the model id)."""
+    path = directory / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a voxsearch CLIP checkpoint (no {CONFIG})")
+    raw = path.read_bytes()
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"corrupt checkpoint config {path}: {exc}") from exc
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
@@ -118,21 +120,26 @@ def read_clip_meta(directory: str | Path) -> dict:
         raise ValueError(
             f"{path} has format_version {meta.get('format_version')!r}; this voxsearch reads up to {FORMAT_VERSION}"
         )
-    return meta
+    return meta, raw
 
 
-def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> ClipModel:
-    """A ``ClipModel`` in eval mode from a directory written by ``save_clip`` (no other path needed)."""
+def _clip_config(directory: Path, meta: dict) -> ClipConfig:
+    """The model config of a checkpoint, its text tower path made absolute (the directory carries it)."""
+    try:
+        cfg = dict(meta["clip_config"])
+        if meta.get("text_weights") != "packaged":
+            cfg["text"] = dict(cfg["text"], path=str(directory / cfg["text"]["path"]))
+        return ClipConfig.from_dict(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{directory / CONFIG}: unusable clip_config ({type(exc).__name__}: {exc})") from exc
+
+
+def _build_model(directory: Path, meta: dict, config: ClipConfig, device: str | torch.device) -> ClipModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    meta = read_clip_meta(directory)
-    cfg = dict(meta["clip_config"])
     packaged_text = meta.get("text_weights") == "packaged"
-    if not packaged_text:
-        cfg["text"] = dict(cfg["text"], path=str(directory / cfg["text"]["path"]))
-    model = ClipModel(ClipConfig.from_dict(cfg), load_text_weights=packaged_text)
+    model = ClipModel(config, load_text_weights=packaged_text)
     try:
         state = load_file(str(directory / WEIGHTS))
     except (OSError, SafetensorError) as exc:
@@ -141,6 +148,16 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> Clip
     check_layout(str(directory / WEIGHTS), state, expected)
     model.load_state_dict(state, strict=not packaged_text)
     return model.to(device).eval()
+
+
+def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> ClipModel:
+    """A ``ClipModel`` in eval mode from a directory written by ``save_clip`` (no other path needed).
+
+    The model alone, for training, which brings its own preprocessing; whatever feeds the model scans by
+    the checkpoint's own contract opens it with ``open_checkpoint``."""
+    directory = Path(directory)
+    meta = read_clip_meta(directory)
+    return _build_model(directory, meta, _clip_config(directory, meta), device)
 
 
 class FindingHead:
@@ -177,12 +194,87 @@ class FindingHead:
         return out
 
 
+def _preprocess_contract(directory: Path, meta: dict, image_size: tuple[int, ...]) -> dict:
+    """The preprocessing the model was trained with (``extra["preprocess"]``, a dict that
+    ``voxsearch.ingest.PreprocessConfig.from_dict`` reads), else the defaults at the model's image size.
+
+    A stored contract whose spatial size is not the model's image size is refused: every volume it makes
+    would be refused by the model's users, or, worse, embedded at a size the model was not trained at."""
+    stored = (meta.get("extra") or {}).get("preprocess")
+    if not stored:
+        return {"spatial_size": list(image_size)}
+    if not isinstance(stored, dict):
+        raise ValueError(f"{directory / CONFIG}: extra.preprocess is not a mapping")
+    if not stored.get("spatial_size"):
+        # Without a size the contract means the model's own, not whatever default the preprocessing has.
+        return {**copy.deepcopy(stored), "spatial_size": list(image_size)}
+    try:
+        size = tuple(int(s) for s in stored["spatial_size"])
+    except (TypeError, ValueError):
+        raise ValueError(f"{directory / CONFIG}: extra.preprocess.spatial_size {stored['spatial_size']!r} "
+                         "is not a list of integers") from None
+    if size != tuple(image_size):
+        raise ValueError(f"checkpoint {directory}: preprocess spatial_size {size} differs from the model's "
+                         f"image_size {tuple(image_size)}")
+    return copy.deepcopy(stored)
+
+
+@dataclass(frozen=True, eq=False)
+class ClipCheckpoint:
+    """A CLIP checkpoint as its users need it: model config, preprocessing contract and model id, read
+    and checked once. The weights are read only by ``load_model``: the search front end and the embed
+    driver need the contract, not the model."""
+
+    path: Path
+    config: ClipConfig
+    preprocess: dict  # PreprocessConfig-compatible: build the ingest config from it, leave it unchanged
+    meta: dict = field(repr=False)  # config.json as stored
+    meta_bytes: bytes = field(repr=False)
+
+    @property
+    def image_size(self) -> tuple[int, int, int]:
+        return tuple(self.config.image_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config.embed_dim)
+
+    @cached_property
+    def model_id(self) -> str:
+        """Short stable id: hash of config.json and of the weights file's digest (the weights are read
+        once, on first use)."""
+        return _model_id(self.path, self.meta_bytes)
+
+    def load_model(self, device: str | torch.device = "cpu", inference: bool = False) -> ClipModel:
+        """The ``ClipModel`` in eval mode; ``inference``: BatchNorms folded too (``prepare_for_inference``),
+        for embedding and serving (such a model cannot be saved or trained)."""
+        model = _build_model(self.path, self.meta, self.config, device)
+        return model.prepare_for_inference() if inference else model
+
+    def finding_head(self) -> FindingHead | None:
+        """The finding head as plain arrays, or None when the model was trained without finding labels."""
+        return _finding_head(self.path, self.meta)
+
+
+def open_checkpoint(directory: str | Path) -> ClipCheckpoint:
+    """Read and check a checkpoint directory (format, model config, preprocessing contract); ValueError or
+    FileNotFoundError naming the directory when it cannot be used."""
+    directory = Path(directory)
+    meta, raw = _read_meta(directory)
+    config = _clip_config(directory, meta)
+    preprocess = _preprocess_contract(directory, meta, config.image_size)
+    return ClipCheckpoint(directory, config, preprocess, meta, raw)
+
+
 def read_finding_head(directory: str | Path) -> FindingHead | None:
     """The checkpoint's finding head, or None when it was trained without finding labels."""
+    directory = Path(directory)
+    return _finding_head(directory, read_clip_meta(directory))
+
+
+def _finding_head(directory: Path, meta: dict) -> FindingHead | None:
     from safetensors import safe_open
 
-    directory = Path(directory)
-    meta = read_clip_meta(directory)
     labels = meta["clip_config"].get("finding_labels") or []
     if not labels:
         return None
@@ -195,16 +287,11 @@ def read_finding_head(directory: str | Path) -> FindingHead | None:
 def model_id(directory: str | Path) -> str:
     """Short stable id of a checkpoint: hash of its config.json and its weights file's digest."""
     directory = Path(directory)
-    read_clip_meta(directory)
+    return _model_id(directory, _read_meta(directory)[1])
+
+
+def _model_id(directory: Path, meta_bytes: bytes) -> str:
     digest = hashlib.sha256()
-    digest.update((directory / CONFIG).read_bytes())
-    digest.update(_file_sha256(directory / WEIGHTS).encode())
+    digest.update(meta_bytes)
+    digest.update(sha256_file(directory / WEIGHTS).encode())
     return digest.hexdigest()[:16]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -50,7 +50,7 @@ def _files(paths: Iterable[str | Path], suffixes: Sequence[str]) -> list[Path]:
     return found
 
 
-def _vectors_of(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
+def _vectors_of(column: pa.ChunkedArray, path, name: str) -> np.ndarray:
     typ = column.type
     if not (pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)):
         raise ValueError(f"{path}: column {name!r} is {typ}, expected a list of floats")
@@ -68,6 +68,18 @@ def _vectors_of(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
     return values.reshape(len(array), dim)
 
 
+def split_embedding_table(table: pa.Table, origin, vector_column: str = "vector") -> tuple[list[str], np.ndarray, pa.Table]:
+    """(ids, (n, d) float32 vectors, metadata columns) of a table of embedding rows; `origin` names the
+    table in errors."""
+    for needed in ("id", vector_column):
+        if needed not in table.column_names:
+            raise ValueError(f"{origin}: missing column {needed!r} (has {table.column_names})")
+    ids = [str(i) for i in table.column("id").to_pylist()]
+    vectors = _vectors_of(table.column(vector_column), origin, vector_column)
+    metadata = table.drop_columns([c for c in table.column_names if c in _NOT_METADATA | {vector_column}])
+    return ids, vectors, metadata
+
+
 def read_parquet_embeddings(paths: Iterable[str | Path] | str | Path, vector_column: str = "vector") -> Embeddings:
     """All rows of the shards; a later shard's row wins over an earlier one with the same id (re-embedded)."""
     if isinstance(paths, (str, Path)):
@@ -79,12 +91,10 @@ def read_parquet_embeddings(paths: Iterable[str | Path] | str | Path, vector_col
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
-        for needed in ("id", vector_column):
-            if needed not in table.column_names:
-                raise ValueError(f"{path}: missing column {needed!r} (has {table.column_names})")
-        ids.extend(str(i) for i in table.column("id").to_pylist())
-        vectors.append(_vectors_of(table.column(vector_column), path, vector_column))
-        metas.append(table.drop_columns([c for c in table.column_names if c in _NOT_METADATA | {vector_column}]))
+        shard_ids, shard_vectors, shard_metadata = split_embedding_table(table, path, vector_column)
+        ids.extend(shard_ids)
+        vectors.append(shard_vectors)
+        metas.append(shard_metadata)
     dims = {v.shape[1] for v in vectors if len(v)}
     if len(dims) > 1:
         raise ValueError(f"embedding shards mix vector dimensions {sorted(dims)}: {[str(f) for f in files]}")

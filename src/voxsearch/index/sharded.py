@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from voxsearch.index.config import IndexConfig
-from voxsearch.common.durable import atomic_write_text
+from voxsearch.common.durable import atomic_write_json
 from voxsearch.index.errors import IndexFormatError
 from voxsearch.index.vector_index import Hit, VectorIndex, update_index
 
@@ -94,9 +94,11 @@ class ShardedIndex:
 
         ray = init_ray()
         if actor_options is None:
-            # Fit all shards on a laptop's CPUs; on a cluster each shard gets a whole CPU.
+            # Fit all shards on a laptop's CPUs; on a cluster each shard gets a whole CPU, and SPREAD puts
+            # the shards on different nodes (Ray's default packs them onto the driver's node while it has
+            # room), so one node's memory and cores do not hold them all.
             cpus = ray.cluster_resources().get("CPU", 1.0)
-            actor_options = {"num_cpus": min(1.0, cpus / num_shards)}
+            actor_options = {"num_cpus": min(1.0, cpus / num_shards), "scheduling_strategy": "SPREAD"}
         actor = ray.remote(_Shard).options(**actor_options)
         return [actor.remote() for _ in range(num_shards)]
 
@@ -128,7 +130,7 @@ class ShardedIndex:
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True,
              actor_options: Mapping | None = None, timeout: float = 3600.0) -> "ShardedIndex":
-        directory = Path(directory)
+        directory = Path(directory).absolute()  # actors run elsewhere, with another working directory
         path = directory / SHARDED_MANIFEST
         if not path.is_file():
             raise IndexFormatError(f"{directory} is not a sharded voxsearch index (no {SHARDED_MANIFEST})")
@@ -209,7 +211,7 @@ class ShardedIndex:
         """`action` ("add", "delete" or "compact") applied to the saved shards in `directory`, each shard
         through update_index so a concurrent writer's version is re-applied to, never overwritten; the
         actors then hold the new versions. Returns rows added / deleted, or the live count for compact."""
-        directory = Path(directory)
+        directory = Path(directory).absolute()  # actors run elsewhere, with another working directory
         names = json.loads((directory / SHARDED_MANIFEST).read_text())["shards"]
         ids = np.asarray([str(i) for i in ids], dtype=object)
         vectors = np.asarray(vectors, dtype=np.float32) if vectors is not None else None
@@ -232,13 +234,13 @@ class ShardedIndex:
 
     def save(self, directory: str | Path) -> Path:
         """Each shard saves crash-safely into its own folder, then sharded.json is swapped in."""
-        directory = Path(directory)
+        directory = Path(directory).absolute()  # actors run elsewhere, with another working directory
         directory.mkdir(parents=True, exist_ok=True)
         names = [f"shard-{s:05d}-of-{self.num_shards:05d}" for s in range(self.num_shards)]
         self._get([a.save.remote(str(directory / name)) for a, name in zip(self._actors, names)])
         manifest = {"format": SHARDED_FORMAT, "format_version": 1, "num_shards": self.num_shards, "dim": self._dim,
                     "shards": names, "hash": "blake2b-64(id) mod num_shards"}
-        atomic_write_text(directory / SHARDED_MANIFEST, json.dumps(manifest, indent=2))
+        atomic_write_json(directory / SHARDED_MANIFEST, manifest)
         return directory
 
     def close(self) -> None:

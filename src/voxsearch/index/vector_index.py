@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from voxsearch.index import store
+from voxsearch.index import versions
 from voxsearch.index.config import IndexConfig
 from voxsearch.index.errors import IndexConflictError, IndexCorruptError, ReadOnlyIndexError
 from voxsearch.index.exact import exact_topk, rerank
@@ -511,7 +511,7 @@ class VectorIndex:
     def save(self, directory: str | Path, expected: str | None | object = _AUTO) -> Path:
         """Write a new version of the index folder atomically; returns the version folder.
 
-        `expected` is the version the caller read there (None: no index yet; store.ANY_VERSION: replace
+        `expected` is the version the caller read there (None: no index yet; versions.ANY_VERSION: replace
         whatever is there). By default an index loaded from or saved to `directory` expects the version
         it last saw, so a version another writer saved meanwhile raises IndexConflictError instead of
         being overwritten; any other index (a fresh build) replaces what the folder holds."""
@@ -529,9 +529,9 @@ class VectorIndex:
         directory = Path(directory)
         if expected is _AUTO:
             mine = self._origin is not None and self._origin[0] == str(directory.resolve())
-            expected = self._origin[1] if mine else store.ANY_VERSION
-        folder = store.write_version(directory, writers, manifest, expected=expected)
-        written = json.loads((folder / store.MANIFEST).read_text())
+            expected = self._origin[1] if mine else versions.ANY_VERSION
+        folder = versions.write_version(directory, writers, manifest, expected=expected)
+        written = json.loads((folder / versions.MANIFEST).read_text())
         self._info.update(files=written["files"], saved_at=manifest["saved_at"], directory=str(directory))
         self._origin = (str(directory.resolve()), folder.name)
         return folder
@@ -542,7 +542,7 @@ class VectorIndex:
         """Open a saved index, verifying every file's checksum. mmap=True maps the index file instead
         of reading it (for indexes larger than RAM); such an index is read-only."""
         directory = Path(directory)
-        folder, manifest = store.read_version(directory, verify=verify)
+        folder, manifest = versions.read_version(directory, verify=verify)
         flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
         try:
             index = faiss.read_index(str(folder / INDEX_FILE), flags)
@@ -601,7 +601,7 @@ class IndexUpdate(Generic[T]):
 
 def update_index(directory: str | Path, change: Callable[[VectorIndex], T], *,
                  create: Callable[[], VectorIndex | None] | None = None, retries: int = 3,
-                 lock_timeout: float = store.LOCK_TIMEOUT_S) -> IndexUpdate[T]:
+                 lock_timeout: float = versions.LOCK_TIMEOUT_S) -> IndexUpdate[T]:
     """The one way to change a saved index: load its newest version, apply `change` (which mutates the
     index and may return a result), save it with a compare-and-swap on the version read; when another
     writer saved first, reload and apply `change` again. Nothing is saved if `change` changed no rows.
@@ -611,18 +611,18 @@ def update_index(directory: str | Path, change: Callable[[VectorIndex], T], *,
     blocks quick writers such as the server's /embed; the last attempt holds the folder's write lock
     throughout, so a writer that keeps losing the race still finishes."""
     directory = Path(directory)
-    if create is None and not store.is_index_dir(directory):
+    if create is None and not versions.is_index_dir(directory):
         VectorIndex.load(directory)  # raises, naming the folder
     attempt = 0
     while True:
         last = attempt >= retries
-        with store.write_lock(directory, lock_timeout) if last else nullcontext():
-            if store.is_index_dir(directory):
-                read = store.current_version(directory)
+        with versions.write_lock(directory, lock_timeout) if last else nullcontext():
+            if versions.is_index_dir(directory):
+                read = versions.current_version(directory)
                 try:
                     index, created = VectorIndex.load(directory), False
                 except (OSError, IndexCorruptError):
-                    if last or store.current_version(directory) == read:
+                    if last or versions.current_version(directory) == read:
                         raise
                     attempt += 1  # writers swapped twice while we read: our version was pruned under us
                     continue

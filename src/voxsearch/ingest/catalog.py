@@ -5,21 +5,26 @@ Layout of a catalog folder:
   errors/part-<run>-<n>.parquet   path, stage, reason, severity, run_id
   catalog.json                    schema version and the history of runs
 A crash loses at most the shard being written; nothing half-written is ever read (readers skip
-temporary names) and the next run redoes what is missing (incremental by content hash).
+temporary names) and the next run redoes what is missing (incremental by file hash).
+
+Each row carries both hashes of voxsearch.common.hashing: `file_sha256` (the source bytes; what
+incremental runs skip by) and `content_sha256` (the decoded voxels and spacing). Schema 1 had only
+`content_sha256`, holding the file hash: read back, such rows get it as `file_sha256` too (see _upgrade).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from voxsearch.common.durable import atomic_write, atomic_write_text
+from voxsearch.common.durable import atomic_write_json, atomic_write_parquet
 
-CATALOG_SCHEMA_VERSION = 1
+CATALOG_SCHEMA_VERSION = 2
 ROWS_DIR, ERRORS_DIR, META_FILE = "rows", "errors", "catalog.json"
 
 SCHEMA = pa.schema([
@@ -29,6 +34,7 @@ SCHEMA = pa.schema([
     ("source_path", pa.string()),
     ("source_format", pa.string()),
     ("source_files", pa.list_(pa.string())),
+    ("file_sha256", pa.string()),
     ("content_sha256", pa.string()),
     ("modality", pa.string()),
     ("body_part", pa.string()),
@@ -57,6 +63,23 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
+def parse_findings(value, series_id: str | None = None) -> list[dict]:
+    """The findings of a catalog `findings` cell (JSON text or a list): its entries that name a type.
+    Empty for a normal study ("[]") and for one without ground truth (null, ""); ValueError, naming the
+    series, for anything but a JSON list."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    where = f"series {series_id}: " if series_id is not None else ""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}findings column is not JSON ({exc})") from None
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{where}findings must be a JSON list, got {type(value).__name__}")
+    return [dict(f) for f in value if isinstance(f, Mapping) and f.get("type")]
+
+
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -71,7 +94,7 @@ def rows_table(rows: list[dict]) -> pa.Table:
 def _write_atomic(table: pa.Table, folder: Path, run_id: str, seq: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"part-{run_id}-{seq:05d}.parquet"
-    atomic_write(final, lambda fh: pq.write_table(table, fh, compression="zstd"))
+    atomic_write_parquet(final, table, compression="zstd")
     return final
 
 
@@ -112,7 +135,7 @@ class CatalogWriter:
         meta = read_meta(self.root)
         meta["schema_version"] = CATALOG_SCHEMA_VERSION
         meta.setdefault("runs", []).append({"run_id": self.run_id, **summary})
-        atomic_write_text(self.root / META_FILE, json.dumps(meta, indent=1, default=str))
+        atomic_write_json(self.root / META_FILE, meta, indent=1, default=str)
 
 
 def read_meta(root: Path) -> dict:
@@ -130,18 +153,28 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("part-*.parquet") if not p.name.startswith("."))
 
 
-def _concat(paths: list[Path], schema: pa.Schema) -> pa.Table:
-    if not paths:
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    if not tables:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _upgrade(rows: pa.Table) -> pa.Table:
+    """Rows of a schema 1 shard: their content_sha256 is a hash of the file bytes, so it becomes their
+    file_sha256 as well, and incremental runs keep skipping them. It stays their content_sha256: embedding
+    folders are keyed by it, and being a hash of other bytes it never equals a voxel hash, so it matches
+    no other scan."""
+    if "file_sha256" in rows.column_names or "content_sha256" not in rows.column_names:
+        return rows
+    return rows.add_column(rows.schema.get_field_index("content_sha256"), "file_sha256", rows.column("content_sha256"))
 
 
 def read_all_rows(path) -> pa.Table:
     """Every row ever written (older versions of changed series included)."""
     path = Path(path)
     if path.is_file():
-        return pq.read_table(path)
-    return _concat(_shards(path / ROWS_DIR), SCHEMA)
+        return _upgrade(pq.read_table(path))
+    return _concat([_upgrade(pq.read_table(p)) for p in _shards(path / ROWS_DIR)], SCHEMA)
 
 
 def read_catalog(path) -> pa.Table:
@@ -160,7 +193,7 @@ def read_catalog(path) -> pa.Table:
 
 def read_errors(path, all_runs: bool = False) -> pa.Table:
     """Errors and warnings of the latest run (or of every run)."""
-    table = _concat(_shards(Path(path) / ERRORS_DIR), ERRORS_SCHEMA)
+    table = _concat([pq.read_table(p) for p in _shards(Path(path) / ERRORS_DIR)], ERRORS_SCHEMA)
     if all_runs or table.num_rows == 0:
         return table
     runs = read_meta(path).get("runs", [])

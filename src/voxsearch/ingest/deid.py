@@ -17,6 +17,8 @@ import secrets
 import unicodedata
 from pathlib import Path
 
+from voxsearch.common.durable import atomic_write_text
+
 SALT_ENV = "VOXSEARCH_SALT"
 SALT_FILE = ".salt"
 REDACTED = "[redacted]"
@@ -97,11 +99,7 @@ def load_or_create_salt(catalog_dir: Path, explicit: str | None = None) -> str:
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     salt = secrets.token_hex(32)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(salt)
-    os.replace(tmp, path)
+    atomic_write_text(path, salt, mode=0o600)
     return salt
 
 

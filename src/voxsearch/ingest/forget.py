@@ -12,17 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from voxsearch.common.durable import atomic_write
+from voxsearch.common.durable import atomic_write_parquet
 from voxsearch.ingest.catalog import ROWS_DIR, _shards
 
 
-def _replace(table: pa.Table, path: Path) -> None:
-    atomic_write(path, lambda fh: pq.write_table(table, fh, compression="zstd"))
-
-
-def drop_rows(shards, column: str, ids, write=_replace) -> int:
-    """Rewrite each Parquet shard without the rows whose `column` is in `ids` (a shard left empty is
-    deleted); `write(table, path)` must replace the file atomically. Returns the number of rows removed."""
+def drop_rows(shards, column: str, ids, compression: str = "zstd") -> int:
+    """Rewrite each Parquet shard (atomically, with `compression`) without the rows whose `column` is in
+    `ids` (a shard left empty is deleted). Returns the number of rows removed."""
     wanted = pa.array(sorted(set(ids)), pa.string())
     if not len(wanted):
         return 0
@@ -35,7 +31,7 @@ def drop_rows(shards, column: str, ids, write=_replace) -> int:
             continue
         kept = table.filter(pc.invert(drop))
         if kept.num_rows:
-            write(kept, Path(shard))
+            atomic_write_parquet(Path(shard), kept, compression=compression)
         else:
             Path(shard).unlink()
         removed += n

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from voxsearch.common.runtime import RayConfig, init_ray, init_ray_while
 from voxsearch.ingest.catalog import CatalogWriter, read_all_rows
 from voxsearch.ingest.checks import DEFAULT_MAX_VOXELS
 from voxsearch.ingest.deid import IdentifierSeal, load_or_create_salt
@@ -57,7 +58,7 @@ class IngestConfig:
 @dataclass
 class IngestSummary:
     added: int = 0
-    skipped: int = 0  # already in the catalog with the same content (or a duplicate in this run)
+    skipped: int = 0  # already in the catalog with the same file bytes (or a duplicate in this run)
     failed: int = 0
     warnings: int = 0
     discovered: int = 0
@@ -97,11 +98,7 @@ def _json_hook(obj):
 
 
 def _results_ray(items: list[dict], ctx: dict, cfg: IngestConfig):
-    import ray
-
-    from voxsearch.common.runtime import RayConfig, init_ray
-
-    init_ray(RayConfig(address=cfg.ray_address))
+    ray = init_ray(RayConfig(address=cfg.ray_address))
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours counts studies, not blocks
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -129,7 +126,14 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     salt = load_or_create_salt(out, cfg.salt)
     writer = CatalogWriter(out, run_id, shard_rows=cfg.shard_rows)
     summary = IngestSummary(catalog=out, run_id=run_id)
-    found = discover(cfg.archive, salt, manifest=cfg.manifest, keep=frozenset(cfg.keep_columns))
+
+    def find():
+        return discover(cfg.archive, salt, manifest=cfg.manifest, keep=frozenset(cfg.keep_columns))
+
+    if cfg.engine == "ray" and (cfg.only is None or cfg.only):
+        found = init_ray_while(find, RayConfig(address=cfg.ray_address))
+    else:
+        found = find()
     if cfg.only is not None:
         wanted = {str(p) for p in cfg.only}
         found.items = [item for item in found.items if item["source_path"] in wanted]
@@ -145,7 +149,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         failed_paths.add(err["path"])
         failures[err["stage"]] += 1
     existing = read_all_rows(out)
-    known = set(existing.column("content_sha256").to_pylist()) if existing.num_rows else set()
+    known = set(existing.column("file_sha256").to_pylist()) if existing.num_rows else set()
     ctx = {"salt": salt, "known_hashes": sorted(known), "max_voxels": cfg.max_voxels, "run_id": run_id,
            "preprocess": cfg.check_preprocess.to_dict() if cfg.check_preprocess else None,
            "identifier_key": seal.key}
@@ -158,7 +162,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             for res in result_list:
                 kind = res["kind"]
                 if kind == "row":
-                    digest = res["row"]["content_sha256"]
+                    digest = res["row"]["file_sha256"]
                     if digest in seen:  # the same bytes under a second path: one row only
                         summary.skipped += 1
                         continue

@@ -6,7 +6,6 @@ import csv
 import datetime as dt
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from voxsearch.common.durable import replace_dir
 from voxsearch.ingest import synth_defects
 from voxsearch.ingest.synth_phantom import GRIDS, render
 from voxsearch.ingest.synth_report import write_report
@@ -143,9 +143,7 @@ def generate_archive(cfg: SynthConfig) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write(cfg, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,9 +33,7 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, modality: str
         img = nib.Nifti1Image(np.round(array).astype(dtype), affine)
     img.header["descrip"] = b"voxsearch phantom"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    nib.save(img, str(path))  # into the archive's staging folder, which generate_archive renames whole
 
 
 def write_npy(path: Path, array: np.ndarray, modality: str) -> None:

@@ -9,37 +9,18 @@ DICOM headers'.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
+import zipfile
 from pathlib import Path
 
+from voxsearch.common.hashing import content_sha256, sha256_files
 from voxsearch.ingest.catalog import CATALOG_SCHEMA_VERSION, now_utc
 from voxsearch.ingest.deid import IdentifierSeal, salted_hash, scrub
 from voxsearch.ingest.errors import IngestError
 from voxsearch.ingest.reports import keep_findings, report_beside
 
 log = logging.getLogger(__name__)
-_CHUNK = 1 << 20
-
-
-def _sha256_files(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256_zip_members(zip_path: Path, names) -> str:
-    import zipfile
-
-    h = hashlib.sha256()
-    with zipfile.ZipFile(zip_path) as zf:
-        for n in names:
-            h.update(zf.read(n))
-    return h.hexdigest()
 
 
 def _date(value) -> dt.date | None:
@@ -110,9 +91,9 @@ class ItemProcessor:
     def _single(self, item: dict, source: Path, ids: list[str]) -> list[dict]:
         from voxsearch.ingest.readers import read_volume_path
 
-        digest = _sha256_files([source])
+        digest = sha256_files([source])
         if digest in self.known:
-            return [{"kind": "skip", "path": str(source), "content_sha256": digest}]
+            return [{"kind": "skip", "path": str(source), "file_sha256": digest}]
         meta = item["meta"]
         try:
             volume = read_volume_path(source, modality=meta.get("modality"), max_voxels=self.max_voxels,
@@ -141,11 +122,12 @@ class ItemProcessor:
             ids = row_ids + [v for v in info.identifiers.values() if v]
             try:
                 if source.is_dir():
-                    digest = _sha256_files([source / n for n in info.files])
+                    digest = sha256_files([source / n for n in info.files])
                 else:
-                    digest = _sha256_zip_members(source, info.files)
+                    with zipfile.ZipFile(source) as zf:
+                        digest = sha256_files(info.files, open_file=zf.open)
                 if digest in self.known:
-                    results.append({"kind": "skip", "path": str(source), "content_sha256": digest})
+                    results.append({"kind": "skip", "path": str(source), "file_sha256": digest})
                     continue
                 volume = read_dicom(source, files=info.files, max_voxels=self.max_voxels)
             except IngestError as exc:
@@ -189,7 +171,9 @@ class ItemProcessor:
             "source_path": str(source),
             "source_format": item["source_format"],
             "source_files": list(files) if files is not None else None,
-            "content_sha256": digest,
+            "file_sha256": digest,
+            # Before _finish: its preprocessing check may reuse the volume's array in place.
+            "content_sha256": content_sha256(volume.array, volume.spacing),
             "modality": volume.modality,
             "body_part": str(body_part).lower() if body_part else None,
             "shape": [int(v) for v in volume.array.shape],

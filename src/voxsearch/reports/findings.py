@@ -10,12 +10,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from voxsearch.encoders.finding_text import FindingMatcher
-from voxsearch.reports.vqa import parse_findings
+from voxsearch.ingest.catalog import parse_findings
 
 
 def truth_of(row) -> set[tuple[str, str | None]]:
     return {(str(f["type"]).replace("_", " "), (str(f["organ"]).replace("_", " ") if f.get("organ") else None))
-            for f in parse_findings(row)}
+            for f in parse_findings(row.get("findings"), row.get("series_id"))}
 
 
 def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:

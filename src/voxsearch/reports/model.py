@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from voxsearch.common.durable import replace_dir
 from voxsearch.encoders.dcformer import DCFormer, dcformer
 from voxsearch.encoders.projector import MixerProjector, MixerProjectorConfig
 from voxsearch.reports.lm import resolve_lm_dir
@@ -421,13 +422,7 @@ def save_report_model(model: ReportModel, directory: str | os.PathLike, extra: d
                 "projector": model.projector.config.to_dict(), "preprocess": model.preprocess,
                 "extra": extra or {}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

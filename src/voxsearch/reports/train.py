@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from voxsearch.common.durable import replace_dir
 from voxsearch.reports.model import LoraSettings, ReportModelConfig
+from voxsearch.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class ReportTrainConfig:
     init: str | Path | None = None
     model: ReportModelConfig = field(default_factory=ReportModelConfig)
     # Stage 1 only: a voxsearch CLIP checkpoint directory, or a Med3DVLM DCFormer file (random if None).
+    # A CLIP checkpoint also sets the model's vision variant, input filter and image size to its own.
     vision_init: str | Path | None = None
     preprocess: dict | None = None  # PreprocessConfig dict; default: the CLIP checkpoint's, else model size
     tasks: tuple[str, ...] = TASKS
@@ -79,22 +82,33 @@ class ReportTrainResult:
     metrics: dict
 
 
-def _vision_from(path) -> tuple[object, dict | None, str]:
-    """(DCFormer, preprocess dict or None, variant) from a CLIP checkpoint dir or a Med3DVLM file."""
-    from voxsearch.encoders import load_clip, load_med3dvlm_dcformer, read_clip_meta
+@dataclass
+class _VisionInit:
+    tower: object  # DCFormer
+    variant: str
+    # A CLIP checkpoint's image size and preprocessing contract; None for a bare Med3DVLM tower file.
+    image_size: tuple[int, int, int] | None = None
+    preprocess: dict | None = None
+
+
+def _vision_from(path) -> _VisionInit:
+    """The vision tower from a CLIP checkpoint dir (with the size and preprocessing it was trained at)
+    or from a Med3DVLM DCFormer file."""
+    from voxsearch.encoders import load_med3dvlm_dcformer, open_checkpoint
 
     path = Path(path)
     if path.is_dir():
-        clip = load_clip(path)
-        meta = read_clip_meta(path)
-        return clip.vision, (meta.get("extra") or {}).get("preprocess"), clip.config.vision_variant
+        checkpoint = open_checkpoint(path)
+        return _VisionInit(checkpoint.load_model().vision, checkpoint.config.vision_variant,
+                           checkpoint.image_size, checkpoint.preprocess)
     if path.is_file():
-        return load_med3dvlm_dcformer(path, "small"), None, "small"
+        return _VisionInit(load_med3dvlm_dcformer(path, "small"), "small")
     raise FileNotFoundError(f"vision init {path} is neither a CLIP checkpoint directory nor a checkpoint file")
 
 
 def _initial_model(cfg: ReportTrainConfig, work: Path) -> tuple[Path, dict]:
     """The directory workers start from, and the preprocessing the model expects."""
+    from voxsearch.ingest import PreprocessConfig
     from voxsearch.reports.model import build_report_model, read_report_meta, save_report_model
 
     if cfg.init:
@@ -103,13 +117,16 @@ def _initial_model(cfg: ReportTrainConfig, work: Path) -> tuple[Path, dict]:
     model_cfg = cfg.model
     vision, preprocess = None, cfg.preprocess
     if cfg.vision_init:
-        vision, clip_pre, variant = _vision_from(cfg.vision_init)
-        model_cfg = dataclasses.replace(model_cfg, vision_variant=variant,
+        init = _vision_from(cfg.vision_init)
+        vision = init.tower
+        model_cfg = dataclasses.replace(model_cfg, vision_variant=init.variant,
                                         vision_input_filter=getattr(vision, "input_filter", 0))
-        preprocess = preprocess or clip_pre
+        if init.image_size is not None:
+            # Like the variant, the size the tower was trained at comes with it, and so does its preprocessing.
+            model_cfg = dataclasses.replace(model_cfg, image_size=init.image_size)
+            if preprocess is None:
+                preprocess = PreprocessConfig.from_dict(init.preprocess).to_dict()
     if preprocess is None:
-        from voxsearch.ingest import PreprocessConfig
-
         preprocess = PreprocessConfig(spatial_size=tuple(model_cfg.image_size)).to_dict()
     model = build_report_model(model_cfg, vision=vision, preprocess=preprocess, seed=cfg.seed)
     return save_report_model(model, work / "init", extra={"stage": 0}), preprocess
@@ -162,15 +179,6 @@ def _m3d_samples(cfg: ReportTrainConfig, preprocess: dict, offset: int) -> tuple
     return samples, volumes
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return f
-
-
 def _train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray
@@ -209,7 +217,7 @@ def _train_loop(config: dict) -> None:
     bs = config["batch_size"]
     steps_per_epoch = math.ceil(per_rank / bs)
     total = steps_per_epoch * config["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config["warmup_steps"], total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, config["warmup_steps"], min_ratio=0.1))
     frozen_vision = not any(p.requires_grad for p in model.vision.parameters())
     stage_cache: dict[int, list[torch.Tensor]] = {}
 
@@ -329,10 +337,7 @@ def train_report(cfg: ReportTrainConfig) -> ReportTrainResult:
         meta = json.loads(meta_path.read_text())
         meta["extra"] = {"training": metrics, "preprocess_id": _preprocess_id(preprocess)}
         meta_path.write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            # Keep the previous model until the new one is in place.
-            os.replace(out, work / "previous")
-        os.replace(staged, out)
+        replace_dir(staged, out)
         return ReportTrainResult(out, metrics)
     finally:
         shutil.rmtree(work, ignore_errors=True)

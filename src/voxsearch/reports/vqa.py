@@ -7,11 +7,12 @@ answer reads "X. text". Open questions are answered in free text.
 from __future__ import annotations
 
 import csv
-import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from voxsearch.ingest.catalog import parse_findings
 
 LETTERS = "ABCD"
 # M3D-VQA numbers its question types 1-5 in this order.
@@ -42,20 +43,6 @@ class VqaItem:
         return f"{self.answer_choice}. {self.answer}" if self.closed else self.answer
 
 
-def parse_findings(row: Mapping) -> list[dict]:
-    """The row's ground-truth findings (JSON list); [] for normal or unlabelled studies."""
-    raw = row.get("findings")
-    if raw in (None, "", "[]"):
-        return []
-    try:
-        findings = json.loads(raw) if isinstance(raw, str) else list(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"series {row.get('series_id')}: findings column is not JSON ({exc})") from None
-    if not isinstance(findings, list):
-        raise ValueError(f"series {row.get('series_id')}: findings must be a JSON list, got {type(findings).__name__}")
-    return [f for f in findings if isinstance(f, dict) and f.get("type")]
-
-
 def _words(value) -> str:
     return str(value).replace("_", " ").strip()
 
@@ -71,7 +58,7 @@ class FindingVocabulary:
     def from_rows(cls, rows: Iterable[Mapping]) -> "FindingVocabulary":
         types, organs, sides, phases = set(), set(), set(), set()
         for row in rows:
-            for f in parse_findings(row):
+            for f in parse_findings(row.get("findings"), row.get("series_id")):
                 types.add(_words(f["type"]))
                 if f.get("organ"):
                     organs.add(_words(f["organ"]))
@@ -104,7 +91,7 @@ def generate_vqa(rows: Iterable[Mapping], vocabulary: FindingVocabulary, seed: i
     items: list[VqaItem] = []
     for row in rows:
         sid = str(row["series_id"])
-        findings = parse_findings(row)
+        findings = parse_findings(row.get("findings"), sid)
         opened: list[tuple[VqaItem, Sequence[str]]] = [
             (VqaItem(sid, "presence", "Is there any abnormality in this scan?", "yes" if findings else "no"),
              ["yes", "no"]),

@@ -8,7 +8,6 @@ patient names) and uploads are deleted as soon as they are read.
 
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
@@ -24,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 
 from voxsearch.common import __version__
+from voxsearch.common.hashing import content_sha256
 from voxsearch.index.errors import IndexConflictError, IndexLockTimeout
 from voxsearch.ingest.deid import scrub
 from voxsearch.serve.auth import KeyChecker, LoopbackOnly
@@ -281,10 +281,7 @@ def added_row(upload: DecodedUpload, report: str | None, body_part: str | None) 
     often names its patient.
     """
     volume = upload.volume
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
-    digest.update(np.asarray(volume.spacing, dtype=np.float64).round(4).tobytes())
-    content = digest.hexdigest()
+    content = content_sha256(volume.array, volume.spacing)
     return {
         "series_id": f"api-{content[:24]}", "study_id": f"api-study-{content[:16]}", "modality": volume.modality,
         "body_part": scrub(body_part, upload.identifiers), "split": "added", "abnormal": None,
@@ -298,7 +295,7 @@ def added_row(upload: DecodedUpload, report: str | None, body_part: str | None) 
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: ServeConfig, text_encoder, image_encoder, searcher, studies, reporter):
-        from voxsearch.encoders import read_clip_meta, read_finding_head
+        from voxsearch.encoders import open_checkpoint
         from voxsearch.ingest import PreprocessConfig
 
         self.config = config
@@ -316,16 +313,9 @@ class Ingress:
         _Runtime.roots = tuple(str(p) for p in (config.upload_dir, config.data_dir, config.catalog, config.index,
                                                  config.checkpoint, config.report_model) if p)
         scrub_library_logs()  # uploads are decoded here
-        meta = read_clip_meta(config.checkpoint)
-        self.finding_head = read_finding_head(config.checkpoint)
-        image_size = tuple(meta.get("clip_config", {}).get("image_size") or ())
-        stored = (meta.get("extra") or {}).get("preprocess")
-        self.preprocess = PreprocessConfig.from_dict(stored) if stored else PreprocessConfig(spatial_size=image_size)
-        if image_size and tuple(self.preprocess.spatial_size) != image_size:
-            raise ValueError(
-                f"checkpoint {config.checkpoint}: preprocess spatial_size {self.preprocess.spatial_size} "
-                f"differs from the model's image_size {image_size}"
-            )
+        checkpoint = open_checkpoint(config.checkpoint)
+        self.finding_head = checkpoint.finding_head()
+        self.preprocess = PreprocessConfig.from_dict(checkpoint.preprocess)
         self._caps: dict | None = None
         self.replica = serve.get_replica_context().replica_tag
 
@@ -651,13 +641,18 @@ class Ingress:
         volume, (array,) = upload.volume, upload.arrays
         row = added_row(upload, report, body_part)
         series_id = row["series_id"]
-        known = await self._call(self.searcher.contains.remote([series_id]))
-        if known.get(series_id) and await self._call(self.studies.has.remote(series_id)):
+        # The same voxels may be indexed under a catalog series_id (ingested from any file format) or
+        # under the id an earlier upload got; the first of them the index holds is the duplicate.
+        same = await self._call(self.studies.find_content.remote(row["content_sha256"]))
+        candidates = list(dict.fromkeys([*([same] if same else []), series_id]))
+        known = await self._call(self.searcher.contains.remote(candidates))
+        duplicate = next((c for c in candidates if known.get(c)), None)
+        if duplicate and await self._call(self.studies.has.remote(duplicate)):
             info = await self._index_info()
-            found = await self._call(self.studies.study.remote(series_id))
+            found = await self._call(self.studies.study.remote(duplicate))
             return JSONResponse({
-                "series_id": series_id, "duplicate": True, "index_version": info["version"],
-                "index_size": info["size"], "metadata": _public_study(found), "thumbnails": _thumbs(series_id),
+                "series_id": duplicate, "duplicate": True, "index_version": info["version"],
+                "index_size": info["size"], "metadata": _public_study(found), "thumbnails": _thumbs(duplicate),
             }, status_code=200)
         vector = await self._call(self.image.encode.remote(array))
         await self._call(self.studies.add.remote(row, volume.array, volume.spacing))

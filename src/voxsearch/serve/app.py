@@ -68,8 +68,10 @@ def start(config: ServeConfig, ray_address: str | None = None, ready_timeout_s: 
     from ray import serve
 
     from voxsearch.common.runtime import RayConfig, init_ray
+    from voxsearch.serve.deployments import check_before_start
 
     config.validate()
+    check_before_start(config)
     init_ray(RayConfig(address=ray_address))
     serve.start(http_options={"host": config.host, "port": config.port})
     config = config.bound_to(*serve_http_bind())
@@ -103,31 +105,36 @@ def wait_ready(url: str, timeout_s: float) -> None:
 
 
 def stop(config: ServeConfig) -> None:
+    """Remove the app (only this app: on a cluster, Serve and other apps keep running)."""
+    import ray
     from ray import serve
+    from ray.serve.context import _get_global_client
 
+    # Stopped before Ray or Serve started: nothing was deployed, and asking Serve would start them.
+    if not ray.is_initialized() or _get_global_client(raise_if_no_controller_running=False) is None:
+        return
     serve.delete(config.app_name)
 
 
 def serve_until_stopped(config: ServeConfig, ray_address: str | None = None, exit_after: float | None = None,
                         banner=None) -> int:
-    """Start the app, print where it is, block until Ctrl-C or `exit_after` seconds, then remove it."""
+    """Start the app, print where it is, block until Ctrl-C (or SIGTERM, through the command line's
+    handler) or `exit_after` seconds, then remove it; stopped while it starts, it is removed too."""
     try:
         url = start(config, ray_address=ray_address)
-    except ServeConfigError as exc:
-        print(f"voxsearch serve: {exc}", flush=True)
-        return 2
-    print(f"voxsearch is serving at {url}/  (API docs: {url}/api/v1/docs)", flush=True)
-    if banner:
-        banner(url)
-    try:
+        print(f"voxsearch is serving at {url}/  (API docs: {url}/api/v1/docs)", flush=True)
+        if banner:
+            banner(url)
         if exit_after is not None:
             time.sleep(max(0.0, exit_after))
         else:
             print("press Ctrl-C to stop", flush=True)
             while True:
                 time.sleep(3600)
+    except ServeConfigError as exc:
+        print(f"voxsearch serve: {exc}", flush=True)
+        return 2
     except KeyboardInterrupt:
         print("\nstopping", flush=True)
-    finally:
-        stop(config)
+    stop(config)
     return 0

@@ -136,8 +136,6 @@ class ServeConfig:
     excerpt_chars: int = 240
     # Volumes kept in memory for slice rendering, per study-store replica.
     volume_cache: int = 8
-    # Reports longer than this (characters) are streamed by default.
-    stream_threshold_chars: int = 600
 
     def keys_required(self) -> bool:
         if self.require_api_key is not None:

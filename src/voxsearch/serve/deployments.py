@@ -15,9 +15,25 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from voxsearch.serve.config import ServeConfig
+from voxsearch.serve.config import ServeConfig, ServeConfigError
 
 log = logging.getLogger("voxsearch.serve")
+
+
+def check_before_start(config: ServeConfig) -> None:
+    """What the replicas would refuse, refused before any of them starts and with the reason (a replica
+    that fails in its constructor only tells Serve's logs why): an unusable checkpoint, an index of
+    another model."""
+    from voxsearch.encoders import open_checkpoint
+    from voxsearch.index import VectorIndex
+    from voxsearch.serve.index_holder import check_index_model
+
+    try:
+        checkpoint = open_checkpoint(config.checkpoint)
+        index = VectorIndex.load(config.index, mmap=True, verify=False)
+    except (OSError, ValueError) as exc:
+        raise ServeConfigError(f"serve config: {exc}") from exc
+    check_index_model(config.index, index, checkpoint.model_id)
 
 
 def _torch_threads(n: int) -> None:
@@ -28,9 +44,9 @@ def _torch_threads(n: int) -> None:
 
 
 def _load_clip(checkpoint: str):
-    from voxsearch.encoders import load_clip
+    from voxsearch.encoders import open_checkpoint
 
-    return load_clip(checkpoint).prepare_for_inference()
+    return open_checkpoint(checkpoint).load_model(inference=True)
 
 
 @serve.deployment(name="TextEncoder")
@@ -104,12 +120,15 @@ class IndexSearcher:
     """Holds the vector index; a poller thread swaps in a new on-disk version while searches go on."""
 
     def __init__(self, config: ServeConfig):
+        from voxsearch.encoders import open_checkpoint
         from voxsearch.serve.index_holder import IndexHolder
 
         _torch_threads(config.deployments.searcher.torch_threads)
-        self.holder = IndexHolder(config.index)
-        self.poll_s = config.index_poll_s
         self._stop = threading.Event()
+        # Vectors of another model are not comparable with the queries this server encodes: such an index
+        # is refused when the replica starts and never swapped in later.
+        self.holder = IndexHolder(config.index, model_id=open_checkpoint(config.checkpoint).model_id)
+        self.poll_s = config.index_poll_s
         self.poll_errors = 0
         threading.Thread(target=self._poll, name="index-poller", daemon=True).start()
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from voxsearch.serve.config import ServeConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -31,9 +33,28 @@ def index_pointer(directory: Path) -> str:
         return repr(stats)
 
 
+def index_model_id(index) -> str | None:
+    """The model whose vectors the index holds, as its builder recorded it; None where it did not."""
+    return (dict(getattr(index, "manifest", {}) or {}).get("source") or {}).get("model_id")
+
+
+def check_index_model(directory: str | Path, index, model_id: str | None) -> None:
+    """Refuse (ServeConfigError, naming both models) an index recorded as holding another model's vectors:
+    they are not comparable with the queries the served checkpoint encodes."""
+    indexed = index_model_id(index)
+    if model_id and indexed and indexed != model_id:
+        raise ServeConfigError(
+            f"index {directory} holds vectors of model {indexed}, but the served checkpoint is model {model_id}; "
+            "serve the checkpoint the index was embedded with, or embed the catalog with this checkpoint into "
+            "a new index"
+        )
+
+
 class IndexHolder:
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, model_id: str | None = None):
+        """``model_id``: the served checkpoint's; a version recorded as another model's is refused."""
         self.directory = Path(directory)
+        self.model_id = model_id
         self._lock = threading.Lock()
         self.index = None
         self.pointer = ""
@@ -44,7 +65,11 @@ class IndexHolder:
     def _load(self):
         from voxsearch.index import VectorIndex
 
-        return VectorIndex.load(self.directory)
+        return self._check_model(VectorIndex.load(self.directory))
+
+    def _check_model(self, index):
+        check_index_model(self.directory, index, self.model_id)
+        return index
 
     def reload(self) -> bool:
         """Load the on-disk version if it differs from the live one; True when swapped."""
@@ -80,6 +105,7 @@ class IndexHolder:
             "size": len(index),
             "dim": int(index.dim),
             "factory": manifest.get("factory"),
+            "model_id": index_model_id(index),
             "recall_vs_exact": manifest.get("recall") or manifest.get("recall_estimate"),
             "loaded_at": self.loaded_at,
             "reloads": self.reloads,
@@ -103,12 +129,13 @@ class IndexHolder:
     def add(self, ids: list[str], vectors: np.ndarray, metadata) -> dict[str, Any]:
         """Add vectors to the newest on-disk version, save it as the next version and serve it."""
         from voxsearch.index import update_index
-        from voxsearch.index.store import pointer_line
+        from voxsearch.index.versions import pointer_line
 
         vectors = np.asarray(vectors, dtype=np.float32)
 
         def add_new(index) -> list[str]:
             # update_index hands over a private copy: readers of the live index never see a half-applied add.
+            self._check_model(index)
             fresh = [i for i in ids if i not in index]
             if fresh:
                 keep = [ids.index(i) for i in fresh]

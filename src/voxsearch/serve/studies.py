@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from voxsearch.serve.added_store import AddedStudies
+from voxsearch.serve.added_studies import AddedStudies
 from voxsearch.serve.public import excerpt, public_metadata
 from voxsearch.serve.render import PLANES, intensity_range, render_slice, slice_count
 
@@ -131,8 +131,13 @@ class StudyCatalog:
         return series_id in self.rows or self.added.get(series_id) is not None
 
     def find_content(self, content_sha256: str) -> str | None:
-        hit = self.added.find_content(content_sha256)
-        return hit["series_id"] if hit else None
+        """The series_id of a study with these voxels (voxsearch.common.hashing.content_sha256): a catalog
+        row first, else a study added through the API."""
+        for rows in (self.rows, self.added.rows()):
+            hit = next((sid for sid, row in rows.items() if row.get("content_sha256") == content_sha256), None)
+            if hit is not None:
+                return hit
+        return None
 
     def public(self, series_id: str, with_report: bool = False) -> dict[str, Any]:
         row = self.row(series_id)

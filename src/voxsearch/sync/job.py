@@ -97,7 +97,7 @@ def _gone_from_folder(catalog_rows: dict[str, str]) -> list[str]:
 
 def _forget(cfg: SyncConfig, series_ids: list[str]) -> None:
     """Remove series from the embeddings (marked superseded, so the index drops them) and the catalog."""
-    from voxsearch.embed.store import EmbeddingStore
+    from voxsearch.embed.shards import EmbeddingStore
     from voxsearch.ingest.forget import forget_series
 
     store = EmbeddingStore(cfg.embeddings)

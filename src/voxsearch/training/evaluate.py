@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from voxsearch.training.integrity import check_split, require_clean
-from voxsearch.training.metrics import finding_precision, finding_queries, parse_findings, protocol_recall
+from voxsearch.ingest.catalog import parse_findings
+from voxsearch.training.metrics import finding_precision, finding_queries, protocol_recall
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +136,19 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _model_and_preprocess(model, preprocess):
-    from voxsearch.encoders import load_clip, read_clip_meta
+    """(ClipModel, PreprocessConfig): a checkpoint directory brings its own contract; a model in memory
+    is preprocessed at its image size unless told otherwise."""
+    from voxsearch.encoders import open_checkpoint
     from voxsearch.ingest import PreprocessConfig
 
     if isinstance(model, (str, Path)):
         directory = Path(model)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+        checkpoint = open_checkpoint(directory)
         if preprocess is None:
-            stored = (read_clip_meta(directory).get("extra") or {}).get("preprocess")
-            preprocess = PreprocessConfig.from_dict(stored) if stored else None
-        model = load_clip(directory)
+            preprocess = checkpoint.preprocess
+        model = checkpoint.load_model()
     if preprocess is None:
         preprocess = PreprocessConfig(spatial_size=tuple(model.config.image_size))
     if isinstance(preprocess, dict):

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from voxsearch.encoders.finding_text import FindingMatcher, default_matcher
-from voxsearch.training.metrics import parse_findings
+from voxsearch.ingest.catalog import parse_findings
 
 
 def label_name(kind: str, organ: str) -> str:
@@ -30,9 +30,9 @@ def _truth(value) -> list[dict] | None:
         return None
     try:
         found = parse_findings(value)
-    except (json.JSONDecodeError, TypeError):
+    except ValueError:
         return None
-    return [f for f in found if f.get("type") and f.get("organ")]
+    return [f for f in found if f.get("organ")]
 
 
 class FindingExtractor:

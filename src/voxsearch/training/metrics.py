@@ -5,7 +5,6 @@ Pure numpy so the same code scores a training epoch, `voxsearch eval retrieval` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -74,18 +73,6 @@ class FindingQuery:
         if str(finding.get("organ", "")).lower() != self.organ.lower():
             return False
         return self.side is None or str(finding.get("side") or "").lower() == self.side.lower()
-
-
-def parse_findings(value) -> list[dict]:
-    """A catalog `findings` cell (JSON text, list, or null) as a list of dicts."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            return []
-        value = json.loads(value)
-    return [dict(f) for f in value if isinstance(f, dict)]
 
 
 def finding_queries(findings: Sequence[list[dict]], min_relevant: int = 1) -> list[FindingQuery]:

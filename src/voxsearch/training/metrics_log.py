@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from voxsearch.common.durable import atomic_write, atomic_write_json
 
 CSV_FIELDS = ("kind", "step", "epoch", "loss", "lr", "grad_norm", "t_prime", "bias", "t2i_R@1", "t2i_R@10",
               "i2t_R@1", "i2t_R@10", "chance_R@1", "chance_R@10", "P@10", "chance_P@10",
               "samples_per_s_per_worker")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; metrics are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
@@ -40,7 +27,7 @@ def _json_safe(value: Any) -> Any:
 def write_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "metrics.json", "csv": out / "metrics.csv", "png": out / "curves.png"}
-    _atomic_write(paths["json"], lambda fh: json.dump(_json_safe(metrics), fh, indent=2))
+    atomic_write_json(paths["json"], _json_safe(metrics))
 
     def write_csv(fh):
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -48,7 +35,7 @@ def write_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Path]:
         for row in metrics.get("history", []):
             writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
 
-    _atomic_write(paths["csv"], write_csv)
+    atomic_write(paths["csv"], write_csv, binary=False)
     plot_curves(metrics.get("history", []), paths["png"])
     return paths
 
@@ -79,7 +66,5 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax_rec.legend(fontsize=7, ncol=2)
         ax_rec.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)

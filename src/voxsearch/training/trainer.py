@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voxsearch.common.durable import replace_dir
 from voxsearch.training.config import ClipTrainConfig
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,7 @@ def _publish(src: Path, dest: Path) -> None:
     """Copy a directory into place atomically: readers never see a half-written model."""
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     shutil.copytree(src, tmp)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+    replace_dir(tmp, dest)
 
 
 def train_clip(cfg: ClipTrainConfig, resume: bool = False) -> TrainResult:

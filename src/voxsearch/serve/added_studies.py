@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from voxsearch.common.durable import atomic_write
+from voxsearch.common.durable import atomic_write, atomic_write_parquet
 
 SCHEMA_VERSION = 1
 
@@ -51,9 +51,6 @@ class AddedStudies:
     def get(self, series_id: str) -> dict[str, Any] | None:
         return self.rows().get(series_id)
 
-    def find_content(self, content_sha256: str) -> dict[str, Any] | None:
-        return next((r for r in self.rows().values() if r.get("content_sha256") == content_sha256), None)
-
     @contextlib.contextmanager
     def _locked(self):
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -68,7 +65,6 @@ class AddedStudies:
         """Store the volume (X, Y, Z RAS) and its row; returns the stored row (with source_path set)."""
         import nibabel as nib
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         with self._locked():
             self.volumes.mkdir(parents=True, exist_ok=True)
@@ -86,7 +82,6 @@ class AddedStudies:
             stored = {**row, "source_path": str(target), "source_format": "nifti", "schema_version": SCHEMA_VERSION}
             rows = dict(self.rows())
             rows[stored["series_id"]] = stored
-            table = pa.Table.from_pylist(list(rows.values()))
-            atomic_write(self.table_path, lambda fh: pq.write_table(table, fh))
+            atomic_write_parquet(self.table_path, pa.Table.from_pylist(list(rows.values())))
             self._stamp = None
             return stored

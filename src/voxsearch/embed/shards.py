@@ -7,8 +7,9 @@ Layout of an output folder EMB:
     _superseded.json                  ids re-embedded since the index last saw them
     .lock                             flock-ed by the one run writing here (its host and pid inside)
 
-Names starting with "_" or "." are skipped by pyarrow's dataset discovery, so `pq.read_table(EMB)` and
-`voxsearch.index.build_from_embeddings(EMB)` read exactly the embedding rows.
+Names starting with "_" or "." are skipped by pyarrow's dataset discovery, so `pq.read_table(EMB)`,
+`voxsearch.index.read_embeddings(EMB)` and `voxsearch.index.build_from_embeddings(EMB)` read exactly the
+embedding rows.
 
 Invariant (what makes reruns exactly-once): at any moment each id has at most one row, embedding or
 error, over all shards. Shards appear whole (temp file + rename) or not at all, rows are only removed by
@@ -30,7 +31,7 @@ from time import perf_counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from voxsearch.common.durable import atomic_write, atomic_write_text
+from voxsearch.common.durable import atomic_write_json, atomic_write_parquet
 from voxsearch.embed.config import EmbedError
 
 log = logging.getLogger(__name__)
@@ -76,16 +77,6 @@ def embedding_schema(catalog_schema: pa.Schema, dim: int, text_dim: int | None, 
     return pa.schema(fields)
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Readers see the whole file or nothing, and a power cut after this returns loses neither (the
-    hidden temp file ".<name>.*.tmp" is what remove_temp_files clears after a crash)."""
-    atomic_write(path, lambda fh: pq.write_table(table, fh))
-
-
-def _write_json_atomic(obj, path: Path) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
-
-
 @dataclass
 class StoredRow:
     content_sha256: str
@@ -124,7 +115,8 @@ class ShardWriter:
         shard, rest = pending.slice(0, n), pending.slice(n)
         path = self.directory / f"part-{self.run_id}-{len(self.files):05d}.parquet"
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_table_atomic(shard, path)
+        # Its hidden temp file ".<name>.*.tmp" is what remove_temp_files clears after a crash.
+        atomic_write_parquet(path, shard)
         self.files.append(path)
         self.rows_written += shard.num_rows
         self._buffer = [rest] if rest.num_rows else []
@@ -203,7 +195,8 @@ class EmbeddingStore:
         if current is None:
             if self.embedding_files() or self.error_files():
                 raise EmbedError(f"{self.root} holds Parquet shards but no {self.manifest_path.name}: not an embed folder")
-            _write_json_atomic({"format": FORMAT, "version": VERSION, **wanted, **info}, self.manifest_path)
+            atomic_write_json(self.manifest_path, {"format": FORMAT, "version": VERSION, **wanted, **info},
+                              sort_keys=True)
             return
         if current.get("format") != FORMAT:
             raise EmbedError(f"{self.manifest_path} is not a {FORMAT} manifest")
@@ -238,19 +231,8 @@ class EmbeddingStore:
         """Drop rows of these ids from every shard, each shard rewritten atomically (or deleted if emptied)."""
         from voxsearch.ingest.forget import drop_rows
 
-        return drop_rows(self.embedding_files() + self.error_files(), "id", ids, write=write_table_atomic)
-
-    def read_embeddings(self, columns: list[str] | None = None) -> pa.Table | None:
-        files = self.embedding_files()
-        if not files:
-            return None
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
-
-    def read_errors(self) -> pa.Table:
-        files = self.error_files()
-        if not files:
-            return ERROR_SCHEMA.empty_table()
-        return pa.concat_tables([pq.read_table(f) for f in files])
+        # pyarrow's default compression, as ShardWriter writes them.
+        return drop_rows(self.embedding_files() + self.error_files(), "id", ids, compression="snappy")
 
     # -- ids the index has not caught up with ---------------------------------------------------------
     def superseded(self) -> set[str]:
@@ -262,20 +244,7 @@ class EmbeddingStore:
         """Recorded before old rows are dropped, so an index updated by a later run still deletes them."""
         ids = set(ids) | self.superseded()
         if ids:
-            _write_json_atomic(sorted(ids), self.superseded_path)
+            atomic_write_json(self.superseded_path, sorted(ids), sort_keys=True)
 
     def clear_superseded(self) -> None:
         self.superseded_path.unlink(missing_ok=True)
-
-
-def read_embeddings(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """All embedding rows of an embed output folder (one row per id)."""
-    table = EmbeddingStore(Path(path)).read_embeddings(columns)
-    if table is None:
-        raise EmbedError(f"no embedding shards (part-*.parquet) in {path}")
-    return table
-
-
-def read_embed_errors(path: Path) -> pa.Table:
-    """The error rows of an embed output folder: id, stage, error, ..."""
-    return EmbeddingStore(Path(path)).read_errors()

@@ -16,7 +16,6 @@ before the lock is taken, each writer into its own temp folder that it holds loc
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from voxsearch.common.durable import atomic_write_text, fsync_tree
+from voxsearch.common.hashing import sha256_file
 from voxsearch.index.errors import IndexConflictError, IndexCorruptError, IndexFormatError, IndexLockTimeout
 
 FORMAT = "voxsearch-index"
@@ -40,22 +41,6 @@ LOCK_TIMEOUT_S = 120.0
 # write_version(expected=ANY_VERSION) replaces whatever the folder holds (a rebuild saved over an index).
 ANY_VERSION = object()
 _VERSION_RE = re.compile(r"^v(\d{6})$")
-
-
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_index_dir(directory: Path) -> bool:
@@ -167,13 +152,11 @@ def write_version(directory: Path, writers: dict[str, Callable[[Path], None]], m
         for name, write in writers.items():
             path = tmp / name
             write(path)
-            _fsync(path)
             files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
         manifest_path = tmp / MANIFEST
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        _fsync(manifest_path)
-        _fsync(tmp)
+        fsync_tree(tmp)
         with write_lock(directory, lock_timeout):
             found = current_version(directory)
             if expected is not ANY_VERSION and found != expected:
@@ -181,11 +164,7 @@ def write_version(directory: Path, writers: dict[str, Callable[[Path], None]], m
             number = (_versions(directory) or [0])[-1] + 1
             final = directory / f"v{number:06d}"
             os.rename(tmp, final)
-            pointer = directory / f".tmp-{uuid.uuid4().hex}-{CURRENT}"
-            pointer.write_text(pointer_line(final) + "\n")
-            _fsync(pointer)
-            os.replace(pointer, directory / CURRENT)
-            _fsync(directory)
+            atomic_write_text(directory / CURRENT, pointer_line(final) + "\n")  # fsyncs the folder: both renames
             _prune(directory, keep=final.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,7 +181,7 @@ def _prune(directory: Path, keep: str) -> None:
     for number in _versions(directory)[:-KEEP_VERSIONS]:
         if f"v{number:06d}" != keep:
             shutil.rmtree(directory / f"v{number:06d}", ignore_errors=True)
-    for path in directory.glob(".tmp-*"):
+    for path in [*directory.glob(".tmp-*"), *directory.glob(f".{CURRENT}.*.tmp")]:
         if not path.is_dir():
             path.unlink(missing_ok=True)
             continue
