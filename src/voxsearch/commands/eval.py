@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from voxsearch.commands._groups import extend_group
@@ -76,9 +73,8 @@ def run_retrieval(args) -> int:
         return 1
     print(format_table(result))
     if args.json:
+        from voxsearch.common.durable import atomic_write_json
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, result)
     return 0

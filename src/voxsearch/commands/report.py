@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -204,11 +203,10 @@ def _common_eval(p) -> None:
 def _write_json(path: Path | None, result: dict) -> None:
     if not path:
         return
+    from voxsearch.common.durable import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, result)
 
 
 def format_report_result(r: dict) -> str:

@@ -95,7 +95,8 @@ def _cell(value, width: int) -> str:
     return text if not width or len(text) <= width else text[: width - 1] + "…"
 
 
-def print_table(hits, out=sys.stdout) -> None:
+def print_table(hits, out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default argument would keep the stdout of import time
     if not hits:
         print("no results", file=out)
         return

@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, TypeVar
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,23 @@ def _init(ray, config: RayConfig | None) -> None:
         object_store_memory=config.object_store_memory,
         **output,
     )
+    _local_processes[:] = _processes_of_this_ray(ray)
+
+
+def _processes_of_this_ray(ray) -> list:
+    """This process's children that belong to the Ray it just started (their command lines name its
+    session), not other children the process has (a test's server, a PACS it runs)."""
     import psutil
 
-    _local_processes[:] = psutil.Process().children(recursive=True)
+    session = Path(ray._private.worker._global_node.get_session_dir_path()).name
+    mine = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any(session in part for part in proc.cmdline()):
+                mine.append(proc)
+        except psutil.Error:
+            pass
+    return mine
 
 
 def shutdown_ray(grace_s: float = 1.0) -> None:
