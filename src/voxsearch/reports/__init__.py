@@ -6,7 +6,7 @@ Names resolve lazily so importing the package does not pull in torch, transforme
 
 from __future__ import annotations
 
-import importlib
+from voxsearch.common.lazy import lazy_exports
 
 _EXPORTS = {
     "ReportModelConfig": "model",
@@ -25,10 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'voxsearch.reports' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)
