@@ -11,6 +11,9 @@ at the loop's priority). The loop uses every core for torch; the pipeline splits
 read tasks and model actors as `voxsearch embed` does by default. Per stage: summed busy seconds
 (read, preprocess, model, write), and for the pipeline the model actors' busy fraction (near 1: the
 CPU stages keep the model fed). Also checks that both modes give the same vectors.
+Pipeline modes: "pipeline" is `voxsearch embed`'s default (on fewer than 4 CPUs the model actor reads
+and preprocesses its own rows with every core), "2-stage" forces read tasks apart from the model actors
+(the layout for larger nodes and GPUs). Target (issue 18): the default >= 0.9x the loop on 2 CPUs.
 Results go to bench/results/embed.json under "quick" or "full".
 """
 
@@ -96,12 +99,12 @@ def plain_loop(rows: list[dict], checkpoint: Path, out: Path) -> dict:
             "vectors": dict(zip(ids, matrix))}
 
 
-def pipeline(catalog: Path, checkpoint: Path, out: Path, batch_size: int) -> dict:
+def pipeline(catalog: Path, checkpoint: Path, out: Path, batch_size: int, reads_in_actor: bool | None = None) -> dict:
     from voxsearch.embed import EmbedConfig, run_embedding
     from voxsearch.index import read_embeddings
 
     summary = run_embedding(EmbedConfig(catalog=catalog, checkpoint=checkpoint, out=out, batch_size=batch_size,
-                                        progress=False))
+                                        read_in_model_actor=reads_in_actor, progress=False))
     embeddings = read_embeddings(out)
     vectors = dict(zip(embeddings.ids, embeddings.vectors))
     return {"seconds": summary.seconds, "series": summary.embedded, "failed": summary.failed, "actors": summary.actors,
@@ -169,14 +172,18 @@ def main(argv=None) -> int:
                                   progress=False))
         loop = plain_loop(rows, checkpoint, work / f"loop-{variant}")
         print(f"{variant} loop: {loop['seconds']:.1f} s", flush=True)
-        shutil.rmtree(work / f"emb-{variant}", ignore_errors=True)
-        pipe = pipeline(catalog, checkpoint, work / f"emb-{variant}", args.batch_size)
-        print(f"{variant} pipeline: {pipe['seconds']:.1f} s", flush=True)
-        common = sorted(set(loop["vectors"]) & set(pipe["vectors"]))
-        max_diff = float(max(np.abs(loop["vectors"][i] - pipe["vectors"][i]).max() for i in common))
-        busy = pipe["stage_seconds"]["model"] / pipe["actors"]["size"] / pipe["seconds"]
+        runs = [("loop", loop)]
+        # The default (`voxsearch embed`: on fewer than 4 CPUs the model actor reads its own rows), then
+        # reads as tasks of their own, the layout larger nodes get.
+        for name, reads in (("pipeline", None), ("2-stage", False)):
+            shutil.rmtree(work / f"emb-{variant}", ignore_errors=True)
+            runs.append((name, pipeline(catalog, checkpoint, work / f"emb-{variant}", args.batch_size, reads)))
+            print(f"{variant} {name}: {runs[-1][1]['seconds']:.1f} s", flush=True)
         gflops = model_gflops(variant, image_size)
-        for name, r in (("loop", loop), ("pipeline", pipe)):
+        for name, r in runs:
+            common = sorted(set(loop["vectors"]) & set(r["vectors"]))
+            max_diff = float(max(np.abs(loop["vectors"][i] - r["vectors"][i]).max() for i in common))
+            busy = r["stage_seconds"]["model"] / r["actors"]["size"] / r["seconds"] if name != "loop" else None
             results.append({
                 "variant": variant, "mode": name, "series": r["series"], "seconds": round(r["seconds"], 2),
                 "series_per_s": round(r["series_per_s"], 4),
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
                 "model_s_per_series": round(r["stage_seconds"]["model"] / max(1, r["series"]), 3),
                 "read_preprocess_s_per_series": round(
                     (r["stage_seconds"]["read"] + r["stage_seconds"]["preprocess"]) / max(1, r["series"]), 3),
-                "model_busy_fraction": round(busy, 3) if name == "pipeline" else None,
+                "model_busy_fraction": round(busy, 3) if busy is not None else None,
                 "actors": r.get("actors"), "max_abs_diff_vs_loop": max_diff, "image_gflops_per_series": round(gflops, 1),
             })
 

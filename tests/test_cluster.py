@@ -224,7 +224,7 @@ def test_serve_with_replicas_on_both_nodes_answers_as_one_node(cluster, two_node
     run, port = two_nodes["run"], _free_port()
     two = {"num_replicas": 2, "num_cpus": 0.2}
     config = tmp_path / "serve.json"
-    config.write_text(json.dumps({"deployments": {"text_encoder": two, "searcher": two}}))
+    config.write_text(json.dumps({"colocate_data": False, "deployments": {"text_encoder": two, "searcher": two}}))
     before, log = _ids(cluster), tmp_path / "serve.log"
     proc = _start_cli(run, log, "serve", "--index", "index", "--checkpoint", str(packaged_checkpoint()),
                       "--catalog", "catalog", "--port", str(port), "--config", str(config), *two_nodes["address"])

@@ -123,7 +123,9 @@ def test_bad_and_changed_inputs(ray_session, tiny_catalog, catalog_table, checkp
         return table.set_column(table.schema.get_field_index("content_sha256"), "content_sha256",
                                 pa.array([s + sha_suffix.get(i, "") for i, s in enumerate(shas)], pa.string()))
 
-    cfg = _config(tiny_catalog, checkpoint, tmp_path / "emb", index=tmp_path / "idx")
+    # Reads as tasks of their own here (the other runs read inside the model actor, the default on 2 CPUs):
+    # bad inputs become error rows either way.
+    cfg = _config(tiny_catalog, checkpoint, tmp_path / "emb", index=tmp_path / "idx", read_in_model_actor=False)
     monkeypatch.setattr(embed_runner, "load_catalog", lambda _: with_paths(broken, {}))
     first = run_embedding(cfg)
     errors = shard_table(cfg.out, errors=True).to_pylist()
@@ -135,7 +137,8 @@ def test_bad_and_changed_inputs(ray_session, tiny_catalog, catalog_table, checkp
     # Series nifti[2] was replaced by new content (now corrupt), nifti[3] by new readable content.
     changed = {**broken, nifti[2]: str(corrupt)}
     monkeypatch.setattr(embed_runner, "load_catalog", lambda _: with_paths(changed, {nifti[2]: "-v2", nifti[3]: "-v2"}))
-    second = run_embedding(cfg)
+    second = run_embedding(_config(tiny_catalog, checkpoint, tmp_path / "emb", index=tmp_path / "idx"))
+    assert second.actors["reads_in_actor"] and not first.actors["reads_in_actor"]
     assert (second.superseded, second.embedded, second.failed) == (2, 1, 1)
     good, bad = ids_of(cfg.out), ids_of(cfg.out, errors=True)
     assert sorted(good + bad) == sorted(ids) and len(set(good + bad)) == len(ids)

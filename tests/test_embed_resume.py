@@ -147,7 +147,8 @@ def test_model_worker_killed_mid_run_is_restarted_and_the_run_completes_exactly_
     proc = _start_embed(ray_session, tiny_catalog, checkpoint, out)
     _wait_for(lambda: any(out.glob("part-*.parquet")), proc, out, "the first shard")
     # The test's raylet started every worker of this cluster; this run's model actor is the only one alive.
-    workers = [pid for pid, cmd in _descendants(_raylet_pid(ray_session)).items() if "BulkEncoder" in cmd]
+    workers = [pid for pid, cmd in _descendants(_raylet_pid(ray_session)).items()
+               if "BulkEncoder" in cmd or "ReadAndEncode" in cmd]
     assert len(workers) == 1, f"expected one model actor process, found {workers}"
     for pid in workers:
         os.kill(pid, signal.SIGKILL)

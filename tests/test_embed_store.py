@@ -197,11 +197,28 @@ def test_remove_temp_files_of_a_killed_run(tmp_path):
 
 
 def test_actor_plan_never_starves_the_readers():
-    cfg = EmbedConfig(catalog="c", checkpoint="m", out="o")
-    assert actor_plan(cfg, cluster_cpus=2, cluster_gpus=0) == {"size": 1, "num_cpus": 1.0, "num_gpus": 0, "threads": 1}
-    assert actor_plan(cfg, cluster_cpus=16, cluster_gpus=0)["size"] == 8
-    assert actor_plan(cfg, cluster_cpus=16, cluster_gpus=4) == {"size": 4, "num_cpus": 1.0, "num_gpus": 1, "threads": 1}
+    cfg = EmbedConfig(catalog="c", checkpoint="m", out="o", read_in_model_actor=False)
+    assert actor_plan(cfg, cluster_cpus=2, cluster_gpus=0) == {"size": 1, "num_cpus": 1.0, "num_gpus": 0, "threads": 1,
+                                                              "reads_in_actor": False}
+    default = EmbedConfig(catalog="c", checkpoint="m", out="o")
+    assert actor_plan(default, cluster_cpus=16, cluster_gpus=0)["size"] == 8
+    assert actor_plan(default, cluster_cpus=16, cluster_gpus=4) == {"size": 4, "num_cpus": 1.0, "num_gpus": 1, "threads": 1,
+                                                                    "reads_in_actor": False}
     with pytest.raises(EmbedError, match="exceeds"):
-        actor_plan(EmbedConfig(catalog="c", checkpoint="m", out="o", concurrency=2), cluster_cpus=2, cluster_gpus=0)
+        actor_plan(EmbedConfig(catalog="c", checkpoint="m", out="o", concurrency=2, read_in_model_actor=False),
+                   cluster_cpus=2, cluster_gpus=0)
     with pytest.raises(EmbedError, match="GPU"):
         actor_plan(EmbedConfig(catalog="c", checkpoint="m", out="o", concurrency=2), cluster_cpus=8, cluster_gpus=1)
+
+
+def test_small_cpu_nodes_read_inside_the_model_actor():
+    # Two cores: one actor holding both (the CPUs of one actor and one reader), all as torch threads.
+    cfg = EmbedConfig(catalog="c", checkpoint="m", out="o")
+    assert actor_plan(cfg, cluster_cpus=2, cluster_gpus=0) == {"size": 1, "num_cpus": 2.0, "num_gpus": 0, "threads": 2,
+                                                              "reads_in_actor": True}
+    shared = EmbedConfig(catalog="c", checkpoint="m", out="o", actor_cpus=0.5, read_cpus=0.5)
+    assert actor_plan(shared, cluster_cpus=2, cluster_gpus=0)["num_cpus"] == 1.0  # leaves room for a server
+    assert actor_plan(cfg, cluster_cpus=4, cluster_gpus=0)["reads_in_actor"] is False
+    assert actor_plan(cfg, cluster_cpus=2, cluster_gpus=1)["reads_in_actor"] is False  # GPUs: readers feed them
+    with pytest.raises(EmbedError, match="exceed"):
+        actor_plan(EmbedConfig(catalog="c", checkpoint="m", out="o", concurrency=2), cluster_cpus=2, cluster_gpus=0)

@@ -143,3 +143,41 @@ def test_loader_reports_unreadable_file(tmp_path):
         load_med3dvlm_dcformer(bad, variant="nano")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_med3dvlm_dcformer(tmp_path / "nope.safetensors", variant="nano")
+
+
+def test_channels_last_gives_the_same_maps_and_names():
+    torch.manual_seed(4)
+    model = dcformer("nano")
+    randomise_batchnorm(model, seed=4)
+    model.eval()
+    names = list(model.state_dict())
+    reference = fold_batchnorm(dcformer("nano"))
+    reference.load_state_dict(fold_batchnorm(model).state_dict())
+    model.use_channels_last().use_channels_last()  # twice: idempotent
+    assert list(model.state_dict()) == list(reference.state_dict()) and set(model.state_dict()) <= set(names)
+    stem_weight = model.encoder.s0[0][1].c1[0].weight
+    assert stem_weight.is_contiguous(memory_format=torch.channels_last_3d) and not stem_weight.is_contiguous()
+    # Batches > 1 and odd sizes: oneDNN's channels-last stride-4 convolution on one input channel
+    # corrupted the heap for batches > 1 (the first stem unit stays in the standard layout for that).
+    for batch, size in ((2, (48, 80, 64)), (3, (33, 65, 47)), (1, (64, 64, 64))):
+        x = torch.rand(batch, 1, *size)
+        with torch.inference_mode():
+            after, before = model.feature_maps(x), reference.feature_maps(x)
+        for a, b in zip(after, before):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    with torch.inference_mode():  # the first unit runs in the standard layout and hands on channels-last
+        first_out = model.encoder.s0[0][0](torch.rand(2, 1, 64, 64, 32))
+    assert first_out.is_contiguous(memory_format=torch.channels_last_3d) and not first_out.is_contiguous()
+
+
+def test_branch_sums_in_place_equal_the_published_sum_and_train():
+    from voxsearch.encoders.dcformer import DecompConv3d
+
+    torch.manual_seed(5)
+    conv = DecompConv3d(4, 6, 3)
+    x = torch.rand(2, 4, 8, 9, 10, requires_grad=True)
+    out = conv(x)
+    published = conv.c1(x) + conv.c2(x) + conv.c3(x)
+    assert torch.equal(out, published)  # same order of additions: bit for bit
+    out.square().sum().backward()  # autograd accepts the in-place sums (training mode, BatchNorm live)
+    assert x.grad is not None and all(p.grad is not None for p in conv.parameters())

@@ -217,7 +217,7 @@ def test_manifest_parquet_extras_reports_and_auto_split(tmp_path):
 
 
 def test_interrupted_shard_write_leaves_catalog_readable(tmp_path, monkeypatch):
-    from voxsearch.ingest import catalog
+    import pyarrow.parquet as pq
 
     archive = tmp_path / "arch"
     archive.mkdir()
@@ -230,7 +230,7 @@ def test_interrupted_shard_write_leaves_catalog_readable(tmp_path, monkeypatch):
         where.write(b"PAR1 half a shard")  # the shard's temp file, opened by common.durable.atomic_write
         raise OSError("disk full")
 
-    monkeypatch.setattr(catalog.pq, "write_table", crash)
+    monkeypatch.setattr(pq, "write_table", crash)
     with pytest.raises(OSError, match="disk full"):
         run_ingest(IngestConfig(archive=archive, out=out, engine="local", progress=False, salt="s"))
     monkeypatch.undo()

@@ -212,6 +212,9 @@ def test_sync_makes_a_pacs_study_searchable_then_removes_it(ray_session, orthanc
     serve_cfg = ServeConfig(index=str(cfg.index), checkpoint=str(ckpt), catalog=str(cfg.catalog),
                             data_dir=str(tmp_path / "added"), port=_closed_port(), index_poll_s=0.5,
                             app_name="pacs", require_api_key=False,
+                            # The searcher and the study store as deployments of their own (the suite's
+                            # other served apps co-locate them with the ingress, the default).
+                            colocate_data=False,
                             deployments=Deployments(**{n: small for n in ("ingress", "text_encoder", "image_encoder",
                                                                             "searcher", "studies", "reporter")}))
     url = start(serve_cfg, ready_timeout_s=240)

@@ -368,3 +368,31 @@ def test_demo_command_is_registered():
 
     args = build_parser().parse_args(["demo", "--no-serve", "--dir", "d", "--studies", "30"])
     assert args.no_serve and args.studies == 30 and args.func.__module__ == "voxsearch.commands.demo"
+
+
+# ------------------------------------------------------------------ searcher
+def test_index_holder_query_answers_a_request_in_one_call(tmp_path):
+    import pyarrow as pa
+
+    from voxsearch.index import VectorIndex
+    from voxsearch.serve.index_holder import IndexHolder
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"s{i}" for i in range(50)]
+    meta = pa.table({"modality": ["CT" if i % 2 else "MR" for i in range(50)]})
+    VectorIndex.build(ids, vectors, metadata=meta).save(tmp_path / "idx")  # small: exact search
+    holder = IndexHolder(tmp_path / "idx")
+
+    by_id = holder.query(None, 5, None, from_id="s7", with_vectors=True)
+    expected = [ids[i] for i in np.argsort(-(vectors @ vectors[7]))[1:6]]
+    assert by_id["found"] and [h["id"] for h in by_id["hits"]] == expected  # itself left out
+    assert by_id["version"] == holder.version != ""
+    assert set(by_id["vectors"]) == set(expected)
+    np.testing.assert_allclose(by_id["vectors"][expected[0]], vectors[ids.index(expected[0])], atol=1e-6)
+
+    by_vector = holder.query(vectors[7], 5, {"modality": "CT"}, exclude="s7")
+    assert by_vector["vectors"] == {} and "s7" not in [h["id"] for h in by_vector["hits"]]
+    assert all(h["metadata"]["modality"] == "CT" for h in by_vector["hits"]) and len(by_vector["hits"]) == 5
+    assert holder.query(None, 5, None, from_id="nope") == {"found": False, "version": holder.version, "hits": [], "vectors": {}}

@@ -25,6 +25,9 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=4, help="volumes per model forward pass (default 4)")
     p.add_argument("--concurrency", type=int, help="model actors (default: one per GPU, else half the CPUs)")
     p.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs (torch threads) per CPU model actor")
+    p.add_argument("--reads", choices=("auto", "actor", "tasks"), default="auto",
+                   help="read and preprocess inside the model actors (actor) or in tasks of their own (tasks); "
+                        "auto: inside the actors on CPU clusters of fewer than 4 CPUs")
     p.add_argument("--shard-rows", type=int, default=256, help="rows per Parquet shard (default 256)")
     p.add_argument("--no-text", action="store_true", help="skip report-text embeddings")
     p.add_argument("--float16", action="store_true", help="store vectors as float16 (half the size)")
@@ -49,6 +52,7 @@ def run(args) -> int:
             batch_size=args.batch_size,
             concurrency=args.concurrency,
             actor_cpus=args.actor_cpus,
+            read_in_model_actor={"auto": None, "actor": True, "tasks": False}[args.reads],
             shard_rows=args.shard_rows,
             with_text=not args.no_text,
             vector_dtype="float16" if args.float16 else "float32",

@@ -28,6 +28,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * 1024**power)
 
 
+def location(text: str):
+    """A folder argument: a local Path, or an ObjectPath for s3:// and gs:// URIs (which Path would
+    turn into "s3:/bucket")."""
+    from voxsearch.common.storage import location as parse
+
+    return parse(text)
+
+
 def parse_where(items: list[str] | None) -> dict:
     """col=value, col=v1,v2 (any of), col=lo..hi (inclusive range; either end may be empty)."""
     filters: dict = {}
@@ -52,13 +60,14 @@ def register(sub) -> None:
     cmds = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     def sources(q):
-        q.add_argument("sources", nargs="+", type=Path, help="embedding Parquet files/folders, or one .npy file")
+        q.add_argument("sources", nargs="+", type=location,
+                       help="embedding Parquet files/folders (or s3:// / gs:// prefixes), or one .npy file")
         q.add_argument("--vector-column", default="vector", help="Parquet column holding the vectors (default: vector)")
         q.add_argument("--ids", type=Path, help="for a .npy input: text file with one id per line")
 
     b = cmds.add_parser("build", help="build an index (factory chosen from size and memory budget)")
     sources(b)
-    b.add_argument("--out", type=Path, required=True, help="index folder to write")
+    b.add_argument("--out", type=location, required=True, help="index folder (or s3:// / gs:// prefix) to write")
     b.add_argument("--factory", help='force a faiss factory string, e.g. "HNSW32,Flat" or "IVF4096,PQ96x8"')
     b.add_argument("--memory-budget", type=parse_size, default=None, help="RAM the index may use (default 8G)")
     b.add_argument("--target-recall", type=float, default=None, help="recall@10 the tuning aims for (default 0.97)")
@@ -67,17 +76,17 @@ def register(sub) -> None:
     b.add_argument("--ray-address", help="Ray cluster address for --shards (default: RAY_ADDRESS or local)")
 
     a = cmds.add_parser("add", help="add (or with --replace update) embeddings without rebuilding")
-    a.add_argument("index", type=Path)
+    a.add_argument("index", type=location)
     sources(a)
     a.add_argument("--replace", action="store_true", help="update ids that are already indexed")
 
     d = cmds.add_parser("delete", help="delete ids (compact later to reclaim space)")
-    d.add_argument("index", type=Path)
+    d.add_argument("index", type=location)
     d.add_argument("delete_ids", nargs="*", metavar="ID")
     d.add_argument("--ids-file", type=Path, help="text file with one id per line")
 
     s = cmds.add_parser("search", help="nearest neighbours of query vectors or of indexed items")
-    s.add_argument("index", type=Path)
+    s.add_argument("index", type=location)
     group = s.add_mutually_exclusive_group(required=True)
     group.add_argument("--query-file", type=Path, help=".npy (q, d) or Parquet with a vector column")
     group.add_argument("--id", dest="query_ids", action="append", help="search by the vector of an indexed id (repeatable)")
@@ -93,13 +102,13 @@ def register(sub) -> None:
     s.add_argument("--ray-address")
 
     i = cmds.add_parser("info", help="manifest: factory, counts, measured recall, files")
-    i.add_argument("index", type=Path)
+    i.add_argument("index", type=location)
     i.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     i.add_argument("--json", action="store_true")
     i.add_argument("--ray-address")
 
     c = cmds.add_parser("compact", help="rebuild over live rows (after many deletes), re-tune and re-measure recall")
-    c.add_argument("index", type=Path)
+    c.add_argument("index", type=location)
     c.add_argument("--ray-address")
     p.set_defaults(func=run)
 
@@ -146,6 +155,10 @@ def _build(args) -> int:
 
     overrides = {"factory": args.factory, "memory_budget_bytes": args.memory_budget, "target_recall": args.target_recall}
     config = IndexConfig(**{k: v for k, v in overrides.items() if v is not None}, use_gpu=False if args.no_gpu else "auto")
+    if args.shards > 1:
+        from voxsearch.index.sharded import sharded_folder
+
+        sharded_folder(args.out)  # refuses object storage before the build, not after
     emb = read_embeddings(args.sources, args.vector_column, args.ids)
     if args.shards > 1:
         _ray(args)

@@ -15,8 +15,9 @@ def register(sub):
         "(--mirror) first; credentials from VOXSEARCH_DICOMWEB_USER/_PASSWORD, _TOKEN or --auth-file.\n"
         "Example: voxsearch ingest data/synth --out data/catalog",
     )
-    p.add_argument("archive", help="archive folder (or one NIfTI/.npy/zip), or a DICOMweb base URL")
-    p.add_argument("--out", required=True, help="catalog folder")
+    p.add_argument("archive", help="archive folder (or one NIfTI/.npy/zip, or an s3:// / gs:// prefix of such "
+                   "objects), or a DICOMweb base URL")
+    p.add_argument("--out", required=True, help="catalog folder (or s3:// / gs:// prefix)")
     p.add_argument("--manifest", help="CSV/Parquet manifest (default ARCHIVE/manifest.csv if present)")
     p.add_argument("--keep-column", action="append", default=[], metavar="NAME",
                    help="also copy this manifest column into the catalog, scrubbed of the row's identifiers "
@@ -24,7 +25,8 @@ def register(sub):
     p.add_argument("--engine", choices=["ray", "local"], default="ray")
     p.add_argument("--workers", type=int, help="Ray actors (default: all CPUs)")
     p.add_argument("--ray-address", help="Ray cluster (ray://host:port); default RAY_ADDRESS or a local Ray")
-    p.add_argument("--salt-file", help="file holding the hashing salt (default $VOXSEARCH_SALT or OUT/.salt)")
+    p.add_argument("--salt-file", help="file holding the hashing salt (default $VOXSEARCH_SALT or OUT/.salt; "
+                   "an s3:// or gs:// OUT needs one of the first two)")
     p.add_argument("--max-voxels", type=int, help="refuse volumes larger than this many voxels")
     p.add_argument("--no-check-preprocess", action="store_true", help="skip the trial preprocessing of each volume")
     p.add_argument("--no-progress", action="store_true")

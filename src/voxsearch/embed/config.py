@@ -6,19 +6,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from voxsearch.common.runtime import RayConfig
+from voxsearch.common.storage import ObjectPath, location
 
 
 class EmbedError(RuntimeError):
     """A run cannot start or finish (bad output folder, model mismatch, lock held); names the input."""
 
 
+FUSE_BELOW_CPUS = 4
+
+
 @dataclass
 class EmbedConfig:
-    catalog: Path
+    catalog: Path | ObjectPath  # s3:// and gs:// too
     checkpoint: Path
-    out: Path
+    out: Path | ObjectPath  # parsed as a location, so that a URI is refused by name (shards.py)
     # Built when missing, updated in place (add new ids, drop changed ones) when it exists.
-    index: Path | None = None
+    index: Path | ObjectPath | None = None
     # Volumes per forward pass of the image tower.
     batch_size: int = 4
     # Image-tower actors. None: one per GPU when the cluster has GPUs, else one CPU actor.
@@ -32,6 +36,11 @@ class EmbedConfig:
     read_memory: int = 1 << 30
     # Upper bound of catalog rows per read task; fewer for small runs so every CPU gets work.
     max_rows_per_task: int = 64
+    # Read and preprocess inside the model actors instead of in tasks of their own. None: yes on a
+    # cluster without GPUs and with fewer than FUSE_BELOW_CPUS CPUs, where one actor then gets the CPUs
+    # of one model actor and one read task together (actor_cpus + read_cpus, all as torch threads):
+    # with two cores, splitting them leaves the model at one thread and volumes crossing the object store.
+    read_in_model_actor: bool | None = None
     # Embed report text with the text tower in the same pass (column text_vector).
     with_text: bool = True
     # Rows per Parquet shard: a killed run loses at most this many finished rows.
@@ -45,10 +54,10 @@ class EmbedConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
-        self.catalog = Path(self.catalog)
+        self.catalog = location(self.catalog)
         self.checkpoint = Path(self.checkpoint)
-        self.out = Path(self.out)
-        self.index = Path(self.index) if self.index is not None else None
+        self.out = location(self.out)
+        self.index = location(self.index) if self.index is not None else None
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.concurrency is not None and self.concurrency < 1:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from voxsearch.common.storage import ObjectPath, location
 from voxsearch.embed.config import EmbedError
 from voxsearch.embed.shards import EmbeddingStore
 from voxsearch.index.embeddings import split_embedding_table
@@ -33,14 +34,14 @@ def _rows_for(store: EmbeddingStore, wanted: set[str] | None) -> pa.Table | None
     return pa.concat_tables(parts, promote_options="default")
 
 
-def sync_index(index_dir: Path, store: EmbeddingStore, model_id: str, index_config=None) -> dict:
+def sync_index(index_dir: Path | ObjectPath, store: EmbeddingStore, model_id: str, index_config=None) -> dict:
     """Build `index_dir` from every embedding row, or update it: add ids it lacks, replace re-embedded ids,
     delete ids whose new content failed. Works from the folder's state, so a run killed between writing
     shards and saving the index is repaired by the next run; goes through update_index, so rows another
     writer (the server's /embed) saved meanwhile stay."""
     from voxsearch.index import IndexConfig, VectorIndex, update_index
 
-    index_dir = Path(index_dir)
+    index_dir = location(index_dir)
     source = {"embeddings": str(store.root.resolve()), "model_id": model_id}
 
     def build() -> VectorIndex | None:

@@ -129,3 +129,22 @@ class BulkEncoder:
         has_text = np.zeros(len(reports), bool)
         has_text[rows] = True
         return {"text_vector": text_vectors, "has_text": has_text}
+
+
+class ReadAndEncode(BulkEncoder):
+    """Actor for `Dataset.map_batches` on small CPU nodes: reads and preprocesses its batch's rows
+    (`load_row`), then encodes them, all in one process whose torch threads use every core it holds,
+    as a plain loop would. Volumes never cross the object store."""
+
+    def __init__(self, checkpoint: str, with_text: bool, threads: int, preprocess: dict):
+        super().__init__(checkpoint, with_text, threads)
+        self.preprocess = preprocess
+        self.threads = max(1, threads)
+
+    def __call__(self, batch) -> dict:
+        loaded = [load_row(row, self.preprocess, self.threads) for row in batch.to_pylist()]
+        stacked = {key: np.asarray([row[key] for row in loaded]) for key in loaded[0] if key != "volume"}
+        stacked["volume"] = np.stack([row["volume"] for row in loaded])
+        if "report" in stacked:
+            stacked["report"] = np.asarray([row["report"] for row in loaded], dtype=object)
+        return super().__call__(stacked)

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from voxsearch.embed.config import EmbedConfig, EmbedError, EmbedSummary
-from voxsearch.embed.mapper import BulkEncoder, load_row
+from voxsearch.embed.config import FUSE_BELOW_CPUS, EmbedConfig, EmbedError, EmbedSummary
+from voxsearch.embed.mapper import BulkEncoder, ReadAndEncode, load_row
 from voxsearch.embed.reader import Plan, load_catalog, loader_blocks, plan_rows, rows_per_task
 from voxsearch.embed.shards import (
     ERROR_SCHEMA,
@@ -55,18 +55,30 @@ def resolve_model(checkpoint: Path) -> ModelInfo:
 def actor_plan(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> dict:
     """How many image-tower actors and what each reserves. One per GPU where there are GPUs; on CPUs,
     half the cluster by default, always leaving room for at least one read task (else nothing feeds them)."""
+    fused = cfg.read_in_model_actor
+    if fused is None:
+        fused = cluster_gpus < 1 and cluster_cpus < FUSE_BELOW_CPUS
+    if fused:
+        size = cfg.concurrency or 1
+        each = cfg.actor_cpus + cfg.read_cpus
+        if size * each > cluster_cpus:
+            raise EmbedError(f"{size} model actors reading their own rows x {each:g} CPUs (actor_cpus + read_cpus) "
+                             f"exceed the cluster's {cluster_cpus:g} CPUs; lower concurrency or the CPUs per actor")
+        gpu = 1 if cluster_gpus >= 1 else 0
+        return {"size": size, "num_cpus": each, "num_gpus": gpu, "threads": max(1, int(each)), "reads_in_actor": True}
     if cluster_gpus >= 1:
         size = cfg.concurrency or int(cluster_gpus)
         if size > cluster_gpus:
             raise EmbedError(f"concurrency {size} asks for more GPU actors than the cluster's {int(cluster_gpus)} GPUs")
-        return {"size": size, "num_cpus": 1.0, "num_gpus": 1, "threads": 1}
+        return {"size": size, "num_cpus": 1.0, "num_gpus": 1, "threads": 1, "reads_in_actor": False}
     size = cfg.concurrency or max(1, int(cluster_cpus / 2 // cfg.actor_cpus))
     if size * cfg.actor_cpus + cfg.read_cpus > cluster_cpus:
         raise EmbedError(
             f"{size} model actors x {cfg.actor_cpus} CPUs + {cfg.read_cpus} CPU for reading exceeds the "
             f"cluster's {cluster_cpus:g} CPUs; lower concurrency or actor_cpus"
         )
-    return {"size": size, "num_cpus": cfg.actor_cpus, "num_gpus": 0, "threads": max(1, int(cfg.actor_cpus))}
+    return {"size": size, "num_cpus": cfg.actor_cpus, "num_gpus": 0, "threads": max(1, int(cfg.actor_cpus)),
+            "reads_in_actor": False}
 
 
 def _fixed_list(matrix: np.ndarray, dtype, mask: np.ndarray | None = None) -> pa.Array:
@@ -157,8 +169,8 @@ def _run_pipeline(cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddi
     actors = actor_plan(cfg, cpus, gpus)
     n = plan.todo.num_rows
     blocks = loader_blocks(plan.todo, cfg.with_text, rows_per_task(n, cpus, cfg.max_rows_per_task))
-    log.info("embedding %d series: %d read tasks, %d model actor(s) on %s", n, len(blocks), actors["size"],
-             "GPU" if actors["num_gpus"] else "CPU")
+    log.info("embedding %d series: %d blocks, %d model actor(s) on %s%s", n, len(blocks), actors["size"],
+             "GPU" if actors["num_gpus"] else "CPU", ", reading their own rows" if actors["reads_in_actor"] else "")
 
     context = ray.data.DataContext.get_current()
     # Ours counts series end to end; Ray Data's per-operator bars would interleave with it. Datasets copy
@@ -166,16 +178,21 @@ def _run_pipeline(cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddi
     ray_bars, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         ds = ray.data.from_arrow(blocks)
-        ds = ds.map(load_row, fn_kwargs={"preprocess": model.preprocess.to_dict(), "threads": max(1, int(cfg.read_cpus))},
-                    # Distinct resources also keep Ray Data from fusing reads into the model actors, which
-                    # would leave the model idle while its actor reads files.
-                    num_cpus=cfg.read_cpus, memory=cfg.read_memory)
+        encoder = {"checkpoint": str(cfg.checkpoint.resolve()), "with_text": cfg.with_text, "threads": actors["threads"]}
+        if actors["reads_in_actor"]:
+            stage, batch_format = ReadAndEncode, "pyarrow"
+            encoder["preprocess"] = model.preprocess.to_dict()
+        else:
+            stage, batch_format = BulkEncoder, "numpy"
+            ds = ds.map(load_row, fn_kwargs={"preprocess": model.preprocess.to_dict(), "threads": max(1, int(cfg.read_cpus))},
+                        # Distinct resources also keep Ray Data from fusing reads into the model actors, which
+                        # would leave the model idle while its actor reads files.
+                        num_cpus=cfg.read_cpus, memory=cfg.read_memory)
         ds = ds.map_batches(
-            BulkEncoder,
-            fn_constructor_kwargs={"checkpoint": str(cfg.checkpoint.resolve()), "with_text": cfg.with_text,
-                                   "threads": actors["threads"]},
+            stage,
+            fn_constructor_kwargs=encoder,
             batch_size=cfg.batch_size,
-            batch_format="numpy",
+            batch_format=batch_format,
             compute=ray.data.ActorPoolStrategy(size=actors["size"]),
             num_cpus=actors["num_cpus"],
             num_gpus=actors["num_gpus"],

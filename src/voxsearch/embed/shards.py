@@ -14,6 +14,10 @@ embedding rows.
 Invariant (what makes reruns exactly-once): at any moment each id has at most one row, embedding or
 error, over all shards. Shards appear whole (temp file + rename) or not at all, rows are only removed by
 rewriting a shard the same way, and a run only writes ids that no shard holds.
+
+The folder may be read from an s3:// or gs:// prefix (shards are then whole objects, the JSON state
+files too), but an embed run does not write there: the invariant rests on the run lock, and an object
+store has no lock that dies with its holder, so `locked` refuses such a folder.
 """
 
 from __future__ import annotations
@@ -29,9 +33,8 @@ from pathlib import Path
 from time import perf_counter
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from voxsearch.common.durable import atomic_write_json, atomic_write_parquet
+from voxsearch.common.storage import ObjectPath, location, read_parquet, write_json, write_parquet
 from voxsearch.embed.config import EmbedError
 
 log = logging.getLogger(__name__)
@@ -86,12 +89,12 @@ class StoredRow:
 class ShardWriter:
     """Buffers rows and writes them as shards of `shard_rows` rows; `close` writes the remainder."""
 
-    def __init__(self, directory: Path, schema: pa.Schema, run_id: str, shard_rows: int):
+    def __init__(self, directory: Path | ObjectPath, schema: pa.Schema, run_id: str, shard_rows: int):
         self.directory = directory
         self.schema = schema
         self.run_id = run_id
         self.shard_rows = shard_rows
-        self.files: list[Path] = []
+        self.files: list[Path | ObjectPath] = []
         self.rows_written = 0
         self.seconds = 0.0
         self._buffer: list[pa.Table] = []
@@ -114,9 +117,11 @@ class ShardWriter:
         pending = pa.concat_tables(self._buffer)
         shard, rest = pending.slice(0, n), pending.slice(n)
         path = self.directory / f"part-{self.run_id}-{len(self.files):05d}.parquet"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        # Its hidden temp file ".<name>.*.tmp" is what remove_temp_files clears after a crash.
-        atomic_write_parquet(path, shard)
+        if isinstance(self.directory, Path):
+            self.directory.mkdir(parents=True, exist_ok=True)
+        # Its hidden temp file ".<name>.*.tmp" is what remove_temp_files clears after a crash (an object
+        # is written whole, with no temp name).
+        write_parquet(path, shard)
         self.files.append(path)
         self.rows_written += shard.num_rows
         self._buffer = [rest] if rest.num_rows else []
@@ -125,8 +130,8 @@ class ShardWriter:
 
 
 class EmbeddingStore:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Path | ObjectPath | str):
+        self.root = location(root)
         self.errors_dir = self.root / "_errors"
         self.manifest_path = self.root / "_embed.json"
         self.superseded_path = self.root / "_superseded.json"
@@ -137,6 +142,10 @@ class EmbeddingStore:
     def locked(self):
         """One writer per folder: an flock on .lock held for the run's life. The kernel drops it when its
         process dies, so a killed run's lock needs no takeover and two runs can never both hold it."""
+        if isinstance(self.root, ObjectPath):
+            raise EmbedError(f"{self.root}: an embed run cannot write to object storage (its run lock needs a "
+                             "local or shared file system); write to a local --out folder, then copy it or "
+                             "index it from there")
         self.root.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -195,8 +204,7 @@ class EmbeddingStore:
         if current is None:
             if self.embedding_files() or self.error_files():
                 raise EmbedError(f"{self.root} holds Parquet shards but no {self.manifest_path.name}: not an embed folder")
-            atomic_write_json(self.manifest_path, {"format": FORMAT, "version": VERSION, **wanted, **info},
-                              sort_keys=True)
+            write_json(self.manifest_path, {"format": FORMAT, "version": VERSION, **wanted, **info}, sort_keys=True)
             return
         if current.get("format") != FORMAT:
             raise EmbedError(f"{self.manifest_path} is not a {FORMAT} manifest")
@@ -218,7 +226,7 @@ class EmbeddingStore:
         for kind, files in (("embedded", self.embedding_files()), ("failed", self.error_files())):
             for path in files:
                 try:
-                    table = pq.read_table(path, columns=["id", "content_sha256"])
+                    table = read_parquet(path, columns=["id", "content_sha256"])
                 except Exception as e:  # a shard we cannot read must stop the run, not be overwritten
                     raise EmbedError(f"cannot read embedding shard {path}: {e}") from e
                 for id_, sha in zip(table.column("id").to_pylist(), table.column("content_sha256").to_pylist()):
@@ -244,7 +252,7 @@ class EmbeddingStore:
         """Recorded before old rows are dropped, so an index updated by a later run still deletes them."""
         ids = set(ids) | self.superseded()
         if ids:
-            atomic_write_json(self.superseded_path, sorted(ids), sort_keys=True)
+            write_json(self.superseded_path, sorted(ids), sort_keys=True)
 
     def clear_superseded(self) -> None:
         self.superseded_path.unlink(missing_ok=True)

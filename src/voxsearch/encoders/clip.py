@@ -152,9 +152,11 @@ class ClipModel(nn.Module):
         return self.criterion(img_emb, txt_emb, self.t_prime, self.bias, groups=groups)
 
     def prepare_for_inference(self) -> "ClipModel":
-        """Eval mode with every BatchNorm folded into its convolution; pair with ``inference()``."""
+        """Eval mode, every BatchNorm folded into its convolution and the image tower channels-last
+        (together 2-3x the unoptimised tower on CPU: bench/encoders.py); pair with ``inference()``."""
         self.eval()
         fold_batchnorm(self.vision)
+        self.vision.use_channels_last()
         return self
 
     def inference(self):

@@ -1,8 +1,10 @@
 """Read embedding vectors from any source: Parquet shards (the embed stage's output, or anyone's with
-an id column and a fixed-size-list vector column) or a .npy matrix with an ids file."""
+an id column and a fixed-size-list vector column) or a .npy matrix with an ids file, in local folders
+or under s3:// / gs:// prefixes."""
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +13,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from voxsearch.common.storage import ObjectPath, location, read_parquet
 from voxsearch.index.config import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -30,17 +32,25 @@ class Embeddings:
     source: dict
 
 
-def _files(paths: Iterable[str | Path], suffixes: Sequence[str]) -> list[Path]:
-    found: list[Path] = []
+def _is_data(relative_parts: Sequence[str], suffixes: Sequence[str]) -> bool:
+    # As pyarrow's dataset discovery: names starting with "_" or "." (error tables, temp files) are not
+    # data, so an embed output folder reads as its embedding rows alone.
+    return Path(relative_parts[-1]).suffix in suffixes and not any(part.startswith(("_", ".")) for part in relative_parts)
+
+
+def _files(paths: Iterable[str | Path | ObjectPath], suffixes: Sequence[str]) -> list[Path | ObjectPath]:
+    found: list[Path | ObjectPath] = []
     for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            # As pyarrow's dataset discovery: names starting with "_" or "." (error tables, temp files) are
-            # not data, so an embed output folder reads as its embedding rows alone.
-            found.extend(sorted(
-                p for p in path.rglob("*")
-                if p.suffix in suffixes and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
-            ))
+        path = location(raw)
+        if isinstance(path, ObjectPath):
+            if path.is_file():
+                found.append(path)
+            elif objects := path.rglob_files():
+                found.extend(o for o in objects if _is_data(o.path[len(path.path) + 1:].split("/"), suffixes))
+            else:
+                raise FileNotFoundError(f"embedding input not found: {path}")
+        elif path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if _is_data(p.relative_to(path).parts, suffixes)))
         elif path.is_file():
             found.append(path)
         else:
@@ -80,15 +90,16 @@ def split_embedding_table(table: pa.Table, origin, vector_column: str = "vector"
     return ids, vectors, metadata
 
 
-def read_parquet_embeddings(paths: Iterable[str | Path] | str | Path, vector_column: str = "vector") -> Embeddings:
+def read_parquet_embeddings(paths: Iterable[str | Path | ObjectPath] | str | Path | ObjectPath,
+                            vector_column: str = "vector") -> Embeddings:
     """All rows of the shards; a later shard's row wins over an earlier one with the same id (re-embedded)."""
-    if isinstance(paths, (str, Path)):
+    if isinstance(paths, (str, Path, ObjectPath)):
         paths = [paths]
     files = _files(paths, (".parquet",))
     ids, vectors, metas = [], [], []
     for path in tqdm(files, desc="read embeddings", unit="shard", disable=len(files) < 4, leave=False):
         try:
-            table = pq.read_table(path)
+            table = read_parquet(path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
         shard_ids, shard_vectors, shard_metadata = split_embedding_table(table, path, vector_column)
@@ -121,33 +132,35 @@ def read_parquet_embeddings(paths: Iterable[str | Path] | str | Path, vector_col
                       metadata.take(pa.array(keep)) if metadata is not None else None, source)
 
 
-def read_npy_embeddings(path: str | Path, ids_path: str | Path | None = None) -> Embeddings:
+def read_npy_embeddings(path: str | Path | ObjectPath, ids_path: str | Path | ObjectPath | None = None) -> Embeddings:
     """A (n, d) .npy matrix; ids from a text file (one per line) or '<file stem>:<row>'."""
-    path = Path(path)
+    path = location(path)
     try:
-        matrix = np.load(path, mmap_mode="r")
+        # An object cannot be memory-mapped: it is read whole.
+        matrix = (np.load(io.BytesIO(path.read_bytes())) if isinstance(path, ObjectPath)
+                  else np.load(path, mmap_mode="r"))
     except (ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a readable .npy array ({exc})") from exc
     if matrix.ndim != 2:
         raise ValueError(f"{path}: expected a 2-d (n, d) array, got shape {matrix.shape}")
     if ids_path is not None:
-        ids = [line.strip() for line in Path(ids_path).read_text().splitlines() if line.strip()]
+        ids = [line.strip() for line in location(ids_path).read_text().splitlines() if line.strip()]
         if len(ids) != len(matrix):
             raise ValueError(f"{ids_path}: {len(ids)} ids for {len(matrix)} vectors in {path}")
     else:
-        ids = [f"{path.stem}:{i}" for i in range(len(matrix))]
+        ids = [f"{Path(path.name).stem}:{i}" for i in range(len(matrix))]
     return Embeddings(ids, np.asarray(matrix, dtype=np.float32), None, {"files": [str(path)]})
 
 
-def read_embeddings(paths: Sequence[str | Path] | str | Path, vector_column: str = "vector",
-                    ids_path: str | Path | None = None) -> Embeddings:
-    """Parquet shards (files or folders) or a single .npy file."""
-    if isinstance(paths, (str, Path)):
+def read_embeddings(paths: Sequence[str | Path | ObjectPath] | str | Path | ObjectPath, vector_column: str = "vector",
+                    ids_path: str | Path | ObjectPath | None = None) -> Embeddings:
+    """Parquet shards (files or folders, local or s3:// / gs://) or a single .npy file."""
+    if isinstance(paths, (str, Path, ObjectPath)):
         paths = [paths]
-    paths = [Path(p) for p in paths]
-    if len(paths) == 1 and paths[0].suffix == ".npy":
+    paths = [location(p) for p in paths]
+    if len(paths) == 1 and paths[0].name.endswith(".npy"):
         return read_npy_embeddings(paths[0], ids_path)
-    if any(p.suffix == ".npy" for p in paths):
+    if any(p.name.endswith(".npy") for p in paths):
         raise ValueError("give either one .npy file or Parquet shards, not a mix")
     return read_parquet_embeddings(paths, vector_column)
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from voxsearch.index.config import IndexConfig
 from voxsearch.common.durable import atomic_write_json
+from voxsearch.common.storage import ObjectPath, is_uri
 from voxsearch.index.errors import IndexFormatError
 from voxsearch.index.vector_index import Hit, VectorIndex, update_index
 
@@ -25,6 +26,14 @@ SHARDED_FORMAT = "voxsearch-sharded-index"
 def shard_of(item_id: str, num_shards: int) -> int:
     """Stable across processes and machines (unlike hash())."""
     return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little") % num_shards
+
+
+def sharded_folder(directory: str | Path | ObjectPath) -> Path:
+    """An absolute path: shard actors run elsewhere, with another working directory."""
+    if is_uri(directory):
+        raise IndexFormatError(f"{directory}: a sharded index is kept in a local or shared folder; object storage "
+                               "holds single (unsharded) indexes only")
+    return Path(directory).absolute()
 
 
 class _Shard:
@@ -130,7 +139,7 @@ class ShardedIndex:
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True,
              actor_options: Mapping | None = None, timeout: float = 3600.0) -> "ShardedIndex":
-        directory = Path(directory).absolute()  # actors run elsewhere, with another working directory
+        directory = sharded_folder(directory)
         path = directory / SHARDED_MANIFEST
         if not path.is_file():
             raise IndexFormatError(f"{directory} is not a sharded voxsearch index (no {SHARDED_MANIFEST})")
@@ -211,7 +220,7 @@ class ShardedIndex:
         """`action` ("add", "delete" or "compact") applied to the saved shards in `directory`, each shard
         through update_index so a concurrent writer's version is re-applied to, never overwritten; the
         actors then hold the new versions. Returns rows added / deleted, or the live count for compact."""
-        directory = Path(directory).absolute()  # actors run elsewhere, with another working directory
+        directory = sharded_folder(directory)
         names = json.loads((directory / SHARDED_MANIFEST).read_text())["shards"]
         ids = np.asarray([str(i) for i in ids], dtype=object)
         vectors = np.asarray(vectors, dtype=np.float32) if vectors is not None else None
@@ -234,7 +243,7 @@ class ShardedIndex:
 
     def save(self, directory: str | Path) -> Path:
         """Each shard saves crash-safely into its own folder, then sharded.json is swapped in."""
-        directory = Path(directory).absolute()  # actors run elsewhere, with another working directory
+        directory = sharded_folder(directory)
         directory.mkdir(parents=True, exist_ok=True)
         names = [f"shard-{s:05d}-of-{self.num_shards:05d}" for s in range(self.num_shards)]
         self._get([a.save.remote(str(directory / name)) for a, name in zip(self._actors, names)])

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from voxsearch.common.storage import ObjectPath, location
 from voxsearch.index import versions
 from voxsearch.index.config import IndexConfig
 from voxsearch.index.errors import IndexConflictError, IndexCorruptError, ReadOnlyIndexError
@@ -140,7 +141,7 @@ class VectorIndex:
         self._gpu_index = None
         self._gpu_failed = False
         self._changes = 0  # add / delete / compact calls that changed rows: update_index saves only then
-        # (resolved folder, version name) this object was loaded from or last saved to: what a save expects
+        # (versions.identity of the folder, version name) it was loaded from or last saved to: what a save expects
         self._origin: tuple[str, str] | None = None
 
     # ----- construction -------------------------------------------------------------------------
@@ -508,8 +509,9 @@ class VectorIndex:
         """The version folder this object was loaded from or last saved to ("v000003")."""
         return self._origin[1] if self._origin else None
 
-    def save(self, directory: str | Path, expected: str | None | object = _AUTO) -> Path:
-        """Write a new version of the index folder atomically; returns the version folder.
+    def save(self, directory: str | Path | ObjectPath, expected: str | None | object = _AUTO) -> Path | ObjectPath:
+        """Write a new version of the index folder atomically; returns the version folder. `directory`
+        may be an s3:// or gs:// URI (see versions.py for what holds there).
 
         `expected` is the version the caller read there (None: no index yet; versions.ANY_VERSION: replace
         whatever is there). By default an index loaded from or saved to `directory` expects the version
@@ -526,23 +528,32 @@ class VectorIndex:
             writers[METADATA_FILE] = lambda p: pq.write_table(self._metadata, p)
         manifest = {k: v for k, v in self.manifest.items() if k not in ("gpu", "files", "directory")}
         manifest["saved_at"] = _now()
-        directory = Path(directory)
+        directory = location(directory)
         if expected is _AUTO:
-            mine = self._origin is not None and self._origin[0] == str(directory.resolve())
+            mine = self._origin is not None and self._origin[0] == versions.identity(directory)
             expected = self._origin[1] if mine else versions.ANY_VERSION
         folder = versions.write_version(directory, writers, manifest, expected=expected)
         written = json.loads((folder / versions.MANIFEST).read_text())
         self._info.update(files=written["files"], saved_at=manifest["saved_at"], directory=str(directory))
-        self._origin = (str(directory.resolve()), folder.name)
+        self._origin = (versions.identity(directory), folder.name)
         return folder
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True,
+    def load(cls, directory: str | Path | ObjectPath, mmap: bool = False, verify: bool = True,
              config: IndexConfig | None = None) -> "VectorIndex":
         """Open a saved index, verifying every file's checksum. mmap=True maps the index file instead
-        of reading it (for indexes larger than RAM); such an index is read-only."""
-        directory = Path(directory)
-        folder, manifest = versions.read_version(directory, verify=verify)
+        of reading it (for indexes larger than RAM); such an index is read-only. From an s3:// or gs://
+        URI the files are downloaded to a temp folder first (mmap then maps that local copy)."""
+        directory = location(directory)
+        with versions.open_version(directory, verify=verify) as (folder, manifest, name):
+            loaded = cls._from_folder(directory, folder, manifest, mmap, config)
+        loaded._origin = (versions.identity(directory), name)
+        return loaded
+
+    @classmethod
+    def _from_folder(cls, directory, folder: Path, manifest: dict, mmap: bool,
+                     config: IndexConfig | None) -> "VectorIndex":
+        """The index in a checked version folder; `directory` names it in errors."""
         flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
         try:
             index = faiss.read_index(str(folder / INDEX_FILE), flags)
@@ -578,10 +589,8 @@ class VectorIndex:
                      "recall", "saved_at", "files", "format_version")
         info = {k: manifest[k] for k in info_keys if k in manifest}
         info["directory"] = str(directory)
-        loaded = cls(index=index, dim=dim, config=config, ids=ids, alive=alive, vectors=vectors,
-                     metadata=metadata, info=info, read_only=mmap)
-        loaded._origin = (str(directory.resolve()), folder.name)
-        return loaded
+        return cls(index=index, dim=dim, config=config, ids=ids, alive=alive, vectors=vectors,
+                   metadata=metadata, info=info, read_only=mmap)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -599,7 +608,7 @@ class IndexUpdate(Generic[T]):
     action: str  # "created" | "changed" | "unchanged"
 
 
-def update_index(directory: str | Path, change: Callable[[VectorIndex], T], *,
+def update_index(directory: str | Path | ObjectPath, change: Callable[[VectorIndex], T], *,
                  create: Callable[[], VectorIndex | None] | None = None, retries: int = 3,
                  lock_timeout: float = versions.LOCK_TIMEOUT_S) -> IndexUpdate[T]:
     """The one way to change a saved index: load its newest version, apply `change` (which mutates the
@@ -609,14 +618,15 @@ def update_index(directory: str | Path, change: Callable[[VectorIndex], T], *,
 
     The first `retries` attempts hold no lock while `change` runs, so a slow change (a compact) never
     blocks quick writers such as the server's /embed; the last attempt holds the folder's write lock
-    throughout, so a writer that keeps losing the race still finishes."""
-    directory = Path(directory)
+    throughout, so a writer that keeps losing the race still finishes. On object storage there is no
+    lock to hold: the last attempt can lose the race as well (versions.py, object_versions.py)."""
+    directory = location(directory)
     if create is None and not versions.is_index_dir(directory):
         VectorIndex.load(directory)  # raises, naming the folder
     attempt = 0
     while True:
         last = attempt >= retries
-        with versions.write_lock(directory, lock_timeout) if last else nullcontext():
+        with versions.write_lock(directory, lock_timeout) if last and isinstance(directory, Path) else nullcontext():
             if versions.is_index_dir(directory):
                 read = versions.current_version(directory)
                 try:

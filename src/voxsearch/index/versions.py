@@ -11,11 +11,15 @@ Several processes write one index (the server's /embed, `voxsearch sync`, `voxse
 swap happens under an exclusive lock on DIR/.write-lock and only if CURRENT still names the version the
 writer read (compare-and-swap), so no writer silently replaces a version it never saw. Files are written
 before the lock is taken, each writer into its own temp folder that it holds locked until it is renamed.
+
+`directory` may also be an s3:// or gs:// URI (or a voxsearch.common.storage.ObjectPath): object_versions.py
+keeps the same layout there, without rename or locks.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -29,6 +33,7 @@ from typing import Callable, Iterator
 
 from voxsearch.common.durable import atomic_write_text, fsync_tree
 from voxsearch.common.hashing import sha256_file
+from voxsearch.common.storage import ObjectPath, location
 from voxsearch.index.errors import IndexConflictError, IndexCorruptError, IndexFormatError, IndexLockTimeout
 
 FORMAT = "voxsearch-index"
@@ -43,8 +48,23 @@ ANY_VERSION = object()
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 
+def _object_versions():
+    from voxsearch.index import object_versions  # it builds on this module's constants
+
+    return object_versions
+
+
+def identity(directory) -> str:
+    """What tells two spellings of one index folder (or prefix) apart from another one."""
+    directory = location(directory)
+    return directory.uri if isinstance(directory, ObjectPath) else str(directory.resolve())
+
+
 def is_index_dir(directory: Path) -> bool:
-    return (Path(directory) / CURRENT).is_file()
+    directory = location(directory)
+    if isinstance(directory, ObjectPath):
+        return _object_versions().is_index_dir(directory)
+    return (directory / CURRENT).is_file()
 
 
 def _versions(directory: Path) -> list[int]:
@@ -53,6 +73,9 @@ def _versions(directory: Path) -> list[int]:
 
 def current_version(directory: Path) -> str | None:
     """The version folder name CURRENT points at ("v000003"), or None where the folder holds no index."""
+    directory = location(directory)
+    if isinstance(directory, ObjectPath):
+        return _object_versions().current_version(directory)
     try:
         parts = (Path(directory) / CURRENT).read_text().split()
     except FileNotFoundError:
@@ -130,13 +153,15 @@ def _hold_folder(path: Path) -> int:
 
 
 def write_version(directory: Path, writers: dict[str, Callable[[Path], None]], manifest: dict, *,
-                  expected: str | None | object, lock_timeout: float = LOCK_TIMEOUT_S) -> Path:
+                  expected: str | None | object, lock_timeout: float = LOCK_TIMEOUT_S) -> Path | ObjectPath:
     """Write one new version of the index at `directory` and make it current; returns its folder.
 
     `expected` is the version the caller read (None: it read no index there). If CURRENT names another
     version by the time of the swap, IndexConflictError is raised and nothing changes: the caller
     reloads and re-applies its change. ANY_VERSION skips the check."""
-    directory = Path(directory)
+    directory = location(directory)
+    if isinstance(directory, ObjectPath):
+        return _object_versions().write_version(directory, writers, manifest, expected=expected)
     if directory.exists() and not directory.is_dir():
         raise IndexFormatError(f"cannot save an index to {directory}: it is a file")
     if directory.is_dir() and not is_index_dir(directory) and any(
@@ -195,6 +220,39 @@ def _prune(directory: Path, keep: str) -> None:
             os.close(fd)
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_manifest(directory, body: bytes) -> dict:
+    """A version's manifest.json, checked to be one this code can read."""
+    try:
+        manifest = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexCorruptError(f"index {directory}: manifest is not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{directory}: manifest format {manifest.get('format')!r} is not {FORMAT!r}")
+    if int(manifest.get("format_version", -1)) > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{directory}: written by a newer voxsearch (format version {manifest.get('format_version')}, "
+            f"this one reads <= {FORMAT_VERSION}); upgrade voxsearch"
+        )
+    return manifest
+
+
+@contextmanager
+def open_version(directory, verify: bool = True) -> Iterator[tuple[Path, dict, str]]:
+    """(local folder of the current version, its manifest, the version's name), checked as read_version
+    does. For an index on object storage the folder is a temp copy, deleted on exit."""
+    directory = location(directory)
+    if isinstance(directory, ObjectPath):
+        with _object_versions().open_version(directory, verify) as opened:
+            yield opened
+        return
+    folder, manifest = read_version(directory, verify)
+    yield folder, manifest, folder.name
+
+
 def read_version(directory: Path, verify: bool = True) -> tuple[Path, dict]:
     """The current version folder of `directory` and its manifest, checked against their checksums."""
     directory = Path(directory)
@@ -212,17 +270,7 @@ def read_version(directory: Path, verify: bool = True) -> tuple[Path, dict]:
         raise IndexCorruptError(f"index {directory}: {manifest_path.relative_to(directory)} is missing")
     if sha256_file(manifest_path) != manifest_sha:
         raise IndexCorruptError(f"index {directory}: {manifest_path.relative_to(directory)} does not match its checksum in {CURRENT}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IndexCorruptError(f"index {directory}: manifest is not valid JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{directory}: manifest format {manifest.get('format')!r} is not {FORMAT!r}")
-    if int(manifest.get("format_version", -1)) > FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{directory}: written by a newer voxsearch (format version {manifest.get('format_version')}, "
-            f"this one reads <= {FORMAT_VERSION}); upgrade voxsearch"
-        )
+    manifest = parse_manifest(directory, manifest_path.read_bytes())
     for name, info in manifest.get("files", {}).items():
         path = folder / name
         rel = path.relative_to(directory)

@@ -7,6 +7,10 @@ Layout of a catalog folder:
 A crash loses at most the shard being written; nothing half-written is ever read (readers skip
 temporary names) and the next run redoes what is missing (incremental by file hash).
 
+The folder may be an s3:// or gs:// prefix: shards and catalog.json are then each written as one whole
+object (no temp names; a PUT appears whole or not at all). catalog.json is read, extended and rewritten
+by `close` without a lock, here as locally: one writer per catalog at a time.
+
 Each row carries both hashes of voxsearch.common.hashing: `file_sha256` (the source bytes; what
 incremental runs skip by) and `content_sha256` (the decoded voxels and spacing). Schema 1 had only
 `content_sha256`, holding the file hash: read back, such rows get it as `file_sha256` too (see _upgrade).
@@ -20,9 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-
-from voxsearch.common.durable import atomic_write_json, atomic_write_parquet
+from voxsearch.common.storage import ObjectPath, location, read_parquet, write_json, write_parquet
 
 CATALOG_SCHEMA_VERSION = 2
 ROWS_DIR, ERRORS_DIR, META_FILE = "rows", "errors", "catalog.json"
@@ -91,18 +93,19 @@ def rows_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=pa.schema(fields, metadata={"voxsearch_schema_version": str(CATALOG_SCHEMA_VERSION)}))
 
 
-def _write_atomic(table: pa.Table, folder: Path, run_id: str, seq: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def _write_atomic(table: pa.Table, folder: Path | ObjectPath, run_id: str, seq: int) -> Path | ObjectPath:
+    if isinstance(folder, Path):
+        folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"part-{run_id}-{seq:05d}.parquet"
-    atomic_write_parquet(final, table, compression="zstd")
+    write_parquet(final, table, compression="zstd")
     return final
 
 
 class CatalogWriter:
     """Buffers rows and errors; flushes a shard every `shard_rows` rows."""
 
-    def __init__(self, root: Path, run_id: str, shard_rows: int = 1000):
-        self.root, self.run_id, self.shard_rows = Path(root), run_id, shard_rows
+    def __init__(self, root: Path | ObjectPath | str, run_id: str, shard_rows: int = 1000):
+        self.root, self.run_id, self.shard_rows = location(root), run_id, shard_rows
         self.rows: list[dict] = []
         self.errors: list[dict] = []
         self.seq = 0
@@ -135,11 +138,11 @@ class CatalogWriter:
         meta = read_meta(self.root)
         meta["schema_version"] = CATALOG_SCHEMA_VERSION
         meta.setdefault("runs", []).append({"run_id": self.run_id, **summary})
-        atomic_write_json(self.root / META_FILE, meta, indent=1, default=str)
+        write_json(self.root / META_FILE, meta, indent=1, default=str)
 
 
-def read_meta(root: Path) -> dict:
-    path = Path(root) / META_FILE
+def read_meta(root: Path | ObjectPath | str) -> dict:
+    path = location(root) / META_FILE
     if not path.is_file():
         return {"schema_version": CATALOG_SCHEMA_VERSION, "runs": []}
     meta = json.loads(path.read_text())
@@ -149,7 +152,7 @@ def read_meta(root: Path) -> dict:
     return meta
 
 
-def _shards(folder: Path) -> list[Path]:
+def _shards(folder: Path | ObjectPath) -> list[Path | ObjectPath]:
     return sorted(p for p in folder.glob("part-*.parquet") if not p.name.startswith("."))
 
 
@@ -171,10 +174,10 @@ def _upgrade(rows: pa.Table) -> pa.Table:
 
 def read_all_rows(path) -> pa.Table:
     """Every row ever written (older versions of changed series included)."""
-    path = Path(path)
+    path = location(path)
     if path.is_file():
-        return _upgrade(pq.read_table(path))
-    return _concat([_upgrade(pq.read_table(p)) for p in _shards(path / ROWS_DIR)], SCHEMA)
+        return _upgrade(read_parquet(path))
+    return _concat([_upgrade(read_parquet(p)) for p in _shards(path / ROWS_DIR)], SCHEMA)
 
 
 def read_catalog(path) -> pa.Table:
@@ -193,7 +196,7 @@ def read_catalog(path) -> pa.Table:
 
 def read_errors(path, all_runs: bool = False) -> pa.Table:
     """Errors and warnings of the latest run (or of every run)."""
-    table = _concat([pq.read_table(p) for p in _shards(Path(path) / ERRORS_DIR)], ERRORS_SCHEMA)
+    table = _concat([read_parquet(p) for p in _shards(location(path) / ERRORS_DIR)], ERRORS_SCHEMA)
     if all_runs or table.num_rows == 0:
         return table
     runs = read_meta(path).get("runs", [])

@@ -18,6 +18,7 @@ import unicodedata
 from pathlib import Path
 
 from voxsearch.common.durable import atomic_write_text
+from voxsearch.common.storage import is_uri
 
 SALT_ENV = "VOXSEARCH_SALT"
 SALT_FILE = ".salt"
@@ -94,6 +95,9 @@ def load_or_create_salt(catalog_dir: Path, explicit: str | None = None) -> str:
         return explicit
     if os.environ.get(SALT_ENV):
         return os.environ[SALT_ENV]
+    if is_uri(catalog_dir):
+        raise ValueError(f"catalog {catalog_dir} is in object storage: give its salt (--salt-file or {SALT_ENV}); "
+                         "the secret is not stored in a bucket beside the catalog")
     path = Path(catalog_dir) / SALT_FILE
     if path.exists():
         return path.read_text().strip()

@@ -5,6 +5,10 @@ columns are hashed here, in the driver; their values stay in the item's "identif
 reports and messages can be scrubbed of them (run_ingest seals them before any worker sees them).
 Catalog columns are an allow-list: other manifest columns go in only when named with
 --keep-column (never an identifier column), and scrubbed.
+
+An archive in object storage (s3://, gs://) is walked for its NIfTI, .npy and DICOM-zip objects; a
+manifest, M3D_Cap.json or loose DICOM files there are refused, not skipped, so nothing they describe is
+silently lost.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from voxsearch.common.storage import ObjectPath, is_uri, location
 from voxsearch.ingest.catalog import SCHEMA
 from voxsearch.ingest.deid import column_key, is_identifier_column, is_patient_column, salted_hash, scrub
 
@@ -178,7 +183,41 @@ def _report_columns(manifest: Path, rows: list[dict], keep: frozenset) -> None:
         log.warning("%s: --keep-column %s: the manifest has no such column", manifest.name, name)
 
 
-def discover(archive: Path, salt: str, manifest: Path | None = None, keep: frozenset = frozenset()) -> Discovery:
+_OBJECT_FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".npy": "npy", ".zip": "dicom"}
+
+
+def _object_format(name: str) -> str | None:
+    return next((fmt for suffix, fmt in _OBJECT_FORMATS.items() if name.lower().endswith(suffix)), None)
+
+
+def _discover_objects(archive: ObjectPath, salt: str, manifest) -> Discovery:
+    out = Discovery()
+    if manifest is not None:
+        raise ValueError(f"archive {archive}: a manifest is read with a local archive only")
+    if archive.is_file():
+        if _object_format(archive.name) is None:
+            raise ValueError(f"{archive}: unsupported object type (expected .nii, .nii.gz, .npy or a DICOM .zip)")
+        out.items.append(_item(archive, _object_format(archive.name), {}, salt))
+        return out
+    objects = archive.rglob_files()
+    if not objects:
+        raise FileNotFoundError(f"archive {archive} holds no objects")
+    for obj in objects:
+        parts = obj.path[len(archive.path) + 1:].split("/")
+        if any(part.startswith(".") for part in parts):
+            continue  # work in progress, as in a local walk
+        if obj.name in (*MANIFEST_NAMES, M3D_NAME) or obj.name.lower().endswith(".dcm"):
+            raise ValueError(f"{obj}: manifests, M3D_Cap.json and loose DICOM files are read from local archives "
+                             "only; in object storage keep NIfTI, .npy or one .zip per DICOM series")
+        if _object_format(obj.name):
+            out.items.append(_item(obj, _object_format(obj.name), {}, salt))
+    return out
+
+
+def discover(archive: Path | ObjectPath | str, salt: str, manifest: Path | None = None,
+             keep: frozenset = frozenset()) -> Discovery:
+    if is_uri(archive):
+        return _discover_objects(location(archive), salt, manifest)
     archive = Path(archive).resolve()
     out = Discovery()
     if not archive.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from voxsearch.common.runtime import RayConfig, init_ray, init_ray_while
+from voxsearch.common.storage import ObjectPath, location
 from voxsearch.ingest.catalog import CatalogWriter, read_all_rows
 from voxsearch.ingest.checks import DEFAULT_MAX_VOXELS
 from voxsearch.ingest.deid import IdentifierSeal, load_or_create_salt
@@ -23,13 +25,16 @@ from voxsearch.ingest.discover import discover, keep_columns
 from voxsearch.ingest.preprocess import PreprocessConfig
 from voxsearch.ingest.worker import ItemProcessor
 
+# Inputs per Ray Data block at most (rows of a block reach the catalog together when it finishes).
+ITEMS_PER_BLOCK = 8
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class IngestConfig:
-    archive: Path
-    out: Path
+    archive: Path | ObjectPath  # or an s3:// / gs:// prefix of NIfTI, .npy and DICOM-zip objects
+    out: Path | ObjectPath  # an s3:// / gs:// catalog needs `salt` or $VOXSEARCH_SALT
     manifest: Path | None = None  # default: ARCHIVE/manifest.csv or .parquet if present
     engine: str = "ray"  # "ray" (Ray Data actor pool) or "local" (this process; debugging, baseline)
     workers: int | None = None  # actors; None = all CPUs of the Ray cluster
@@ -47,7 +52,7 @@ class IngestConfig:
     keep_columns: tuple[str, ...] = ()
 
     def __post_init__(self):
-        self.archive, self.out = Path(self.archive), Path(self.out)
+        self.archive, self.out = location(self.archive), location(self.out)
         self.keep_columns = tuple(sorted(keep_columns(self.keep_columns)))
         if self.only is not None:
             self.only = tuple(Path(p).resolve() for p in self.only)
@@ -63,7 +68,7 @@ class IngestSummary:
     warnings: int = 0
     discovered: int = 0
     seconds: float = 0.0
-    catalog: Path | None = None
+    catalog: Path | ObjectPath | None = None
     run_id: str = ""
     failures_by_stage: dict = field(default_factory=dict)
 
@@ -103,7 +108,10 @@ def _results_ray(items: list[dict], ctx: dict, cfg: IngestConfig):
     data_ctx.enable_progress_bars = False  # ours counts studies, not blocks
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = max(1, min(cfg.workers or cpus, len(items)))
-    ds = ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=len(items))
+    # Ray Data schedules and ships each block on its own: a block per input cost more than preprocessing
+    # a small series. A few inputs per block, and several blocks per actor so that none waits idle.
+    blocks = min(len(items), max(size * 4, math.ceil(len(items) / ITEMS_PER_BLOCK)))
+    ds = ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=blocks)
     ds = ds.map_batches(_RayWorker, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1)
     for row in ds.iter_rows():
@@ -120,8 +128,10 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    out = cfg.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.out
+    if isinstance(out, Path):
+        out = out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     salt = load_or_create_salt(out, cfg.salt)
     writer = CatalogWriter(out, run_id, shard_rows=cfg.shard_rows)

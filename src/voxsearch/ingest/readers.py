@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
+from voxsearch.common.storage import ObjectPath, is_uri, location
 from voxsearch.ingest.errors import IngestError
 from voxsearch.ingest.volume import Volume
 
@@ -24,10 +27,36 @@ def detect_format(path: Path) -> str:
     raise IngestError(f"{path}: unsupported file type (expected .nii, .nii.gz, .npy, a DICOM folder or .zip)")
 
 
+@contextmanager
+def local_file(path: str | Path | ObjectPath) -> Iterator[Path]:
+    """`path` itself, or a temp copy of an s3:// / gs:// object (the readers need a file: nibabel, zip);
+    IngestErrors raised inside name the URI, not the copy."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    obj = location(path)
+    with tempfile.TemporaryDirectory(prefix="voxsearch-volume-") as tmp:
+        local = Path(tmp) / obj.name
+        try:
+            obj.download(local)
+        except FileNotFoundError:
+            raise IngestError(f"{obj}: no such object") from None
+        except OSError as exc:
+            raise IngestError(str(exc)) from None
+        try:
+            yield local
+        except IngestError as exc:
+            raise IngestError(str(exc).replace(str(local), obj.uri), stage=exc.stage) from None
+
+
 def read_volume_path(
     path, modality: str | None = None, files: list[str] | None = None, max_voxels: int | None = None, fmt: str | None = None
 ) -> Volume:
-    """A Volume (RAS, HU for CT) from a NIfTI/.npy file or a folder/zip holding one DICOM series."""
+    """A Volume (RAS, HU for CT) from a NIfTI/.npy file or a folder/zip holding one DICOM series; files
+    (not DICOM folders) may be s3:// or gs:// objects."""
+    if is_uri(path):
+        with local_file(path) as local:
+            return read_volume_path(local, modality=modality, files=files, max_voxels=max_voxels, fmt=fmt)
     path = Path(path)
     if not path.exists():
         raise IngestError(f"{path}: no such file or folder")

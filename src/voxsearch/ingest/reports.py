@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from voxsearch.common.storage import ObjectPath, location
+
 # "FINDINGS:" style labels at the start of a line.
 _LABEL = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&-]{1,40}?)[ \t]*:[ \t]*", re.MULTILINE)
 _KEEP = ("FINDINGS", "FINDING", "IMPRESSION", "CONCLUSION", "CONCLUSIONS")
@@ -35,16 +37,17 @@ def keep_findings(text: str | None) -> str | None:
     return "\n".join(kept) or None
 
 
-def report_beside(volume_path: Path) -> str | None:
-    """Plain-text report stored next to a volume (<name>.txt, or report.txt/text.txt in its folder)."""
-    path = Path(volume_path)
+def report_beside(volume_path: str | Path | ObjectPath) -> str | None:
+    """Plain-text report stored next to a volume (<name>.txt, or report.txt/text.txt in its folder), in a
+    local folder or beside an s3:// / gs:// object."""
+    path = location(volume_path)
     stem = path.name
     for suffix in (".nii.gz", ".nii", ".npy", ".zip"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break
     folder = path if path.is_dir() else path.parent
-    candidates = [path.with_name(stem + ".txt")] + [folder / n for n in REPORT_NAMES]
+    candidates = [path.parent / (stem + ".txt")] + [folder / n for n in REPORT_NAMES]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.read_text(errors="replace")

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from voxsearch.common.hashing import content_sha256, sha256_files
+from voxsearch.common.storage import location
 from voxsearch.ingest.catalog import CATALOG_SCHEMA_VERSION, now_utc
 from voxsearch.ingest.deid import IdentifierSeal, salted_hash, scrub
 from voxsearch.ingest.errors import IngestError
@@ -78,7 +79,7 @@ class ItemProcessor:
 
     def __call__(self, item: dict) -> list[dict]:
         """Results: {"kind": "row"|"skip"|"error"|"warning", ...}."""
-        source = Path(item["source_path"])
+        source = location(item["source_path"])
         ids = self.seal.open(item.get("sealed_identifiers"))
         try:
             if item["source_format"] == "dicom":
@@ -88,16 +89,17 @@ class ItemProcessor:
             log.warning("unexpected failure on %s: %s", source, type(exc).__name__)
             return [_error(source, "read", scrub(f"{type(exc).__name__}: {exc}", ids))]
 
-    def _single(self, item: dict, source: Path, ids: list[str]) -> list[dict]:
-        from voxsearch.ingest.readers import read_volume_path
+    def _single(self, item: dict, source, ids: list[str]) -> list[dict]:
+        from voxsearch.ingest.readers import local_file, read_volume_path
 
-        digest = sha256_files([source])
-        if digest in self.known:
-            return [{"kind": "skip", "path": str(source), "file_sha256": digest}]
         meta = item["meta"]
         try:
-            volume = read_volume_path(source, modality=meta.get("modality"), max_voxels=self.max_voxels,
-                                      fmt=item["source_format"])
+            with local_file(source) as local:  # an object is fetched once, then hashed and read
+                digest = sha256_files([local])
+                if digest in self.known:
+                    return [{"kind": "skip", "path": str(source), "file_sha256": digest}]
+                volume = read_volume_path(local, modality=meta.get("modality"), max_voxels=self.max_voxels,
+                                          fmt=item["source_format"])
         except IngestError as exc:
             return [_error(source, exc.stage, scrub(str(exc), ids))]
         rel_key = str(source)
@@ -205,7 +207,7 @@ class ItemProcessor:
             row[column] = scrub(row[column], identifiers)
         raw_report = item["meta"].get("report")
         if raw_report is None:
-            raw_report = report_beside(Path(source))
+            raw_report = report_beside(source)
         report = scrub(keep_findings(raw_report), identifiers)
         if report is None:
             results.append({"kind": "warning", "path": source, "stage": "report",

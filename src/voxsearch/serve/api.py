@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from ray import serve
 
 from voxsearch.common import __version__
@@ -95,25 +96,46 @@ def _body_refused(status: int, upload: bool) -> None:
         _Runtime.metrics.reject_upload(status)
 
 
-# Added before `guard`, so it runs inside it: keys are checked first and its refusals are counted.
+class Guard:
+    """Loopback Host/Origin checks, API keys and request metrics, as a pure ASGI middleware (Starlette's
+    BaseHTTPMiddleware runs each request through an extra task and memory streams: a large share of a
+    search's CPU in the ingress)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        path = scope["path"]
+        headers = Headers(scope=scope)
+        refusal = _Runtime.local.refusal(headers) if _Runtime.local is not None else None
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if refusal:
+                await _error(403, refusal, "forbidden")(scope, receive, send_status)
+            elif not _Runtime.keys.allows(path, headers):
+                await _error(401, "missing or invalid API key: send it in the X-API-Key header")(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or ("/static" if path.startswith("/static/") else "unmatched")
+            _Runtime.metrics.observe(scope["method"], route, status, time.perf_counter() - started)
+
+
+# Middleware added last runs first: the guard checks keys before the body limit reads anything, and
+# counts the body limit's refusals.
 app.add_middleware(RequestBodyLimit, limits=lambda: _Runtime.limits, upload_routes=UPLOAD_ROUTES,
                    on_refuse=_body_refused)
-
-
-@app.middleware("http")
-async def guard(request: Request, call_next):
-    started = time.perf_counter()
-    path = request.url.path
-    refusal = _Runtime.local.refusal(request.headers) if _Runtime.local is not None else None
-    if refusal:
-        response = _error(403, refusal, "forbidden")
-    elif not _Runtime.keys.allows(path, request.headers):
-        response = _error(401, "missing or invalid API key: send it in the X-API-Key header")
-    else:
-        response = await call_next(request)
-    route = getattr(request.scope.get("route"), "path", None) or ("/static" if path.startswith("/static/") else "unmatched")
-    _Runtime.metrics.observe(request.method, route, response.status_code, time.perf_counter() - started)
-    return response
+app.add_middleware(Guard)
 
 
 def log_failure(what: str, exc: BaseException, identifiers=(), level: int = logging.WARNING) -> str:
@@ -298,11 +320,15 @@ class Ingress:
         from voxsearch.encoders import open_checkpoint
         from voxsearch.ingest import PreprocessConfig
 
+        from voxsearch.serve.app import added_dir
+        from voxsearch.serve.deployments import IndexSearcher, StudyStore, local_deployment
+
         self.config = config
         self.text = text_encoder
         self.image = image_encoder
-        self.searcher = searcher
-        self.studies = studies
+        # None: co-located (ServeConfig.colocate_data), built here and called like a handle.
+        self.searcher = searcher if searcher is not None else local_deployment(IndexSearcher, config)
+        self.studies = studies if studies is not None else local_deployment(StudyStore, config, added_dir(config))
         self.reporter = reporter
         self.limits = config.limits
         # config.host and port are where the proxy really listens (app.start).
@@ -348,10 +374,9 @@ class Ingress:
         with self.decode_slots.claim():
             return await read_upload(file, modality, configs, self.limits, self.config.upload_dir)
 
-    async def _results(self, hits: list[dict], exclude: str | None, k: int) -> list[dict]:
-        hits = [h for h in hits if h["id"] != exclude][:k]
+    async def _results(self, hits: list[dict], vectors: dict[str, np.ndarray | None]) -> list[dict]:
         described = await self._call(self.studies.describe_many.remote([h["id"] for h in hits]))
-        predicted = await self._predicted([h["id"] for h in hits])
+        predicted = self._describe_findings(vectors)
         results = []
         for rank, hit in enumerate(hits, 1):
             known = described.get(hit["id"])
@@ -371,26 +396,60 @@ class Ingress:
             })
         return results
 
-    async def _predicted(self, ids: list[str]) -> dict[str, list[dict] | None]:
-        """The finding head's reading of each indexed study's stored vector (empty without a head)."""
-        if self.finding_head is None or not ids:
+    def _describe_findings(self, vectors: dict[str, np.ndarray | None]) -> dict[str, list[dict]]:
+        """The finding head's reading of stored vectors (empty without a head)."""
+        if self.finding_head is None:
             return {}
-        vectors = await self._call(self.searcher.vectors.remote(ids))
         return {i: self.finding_head.describe(v) for i, v in vectors.items() if v is not None}
 
-    async def _search(self, vector: np.ndarray, k: int, filters: dict, exclude: str | None = None):
-        extra = 1 if exclude else 0
-        hits = (await self._call(self.searcher.search.remote(np.asarray(vector, np.float32)[None], k + extra, filters)))[0]
-        return await self._results(hits, exclude, k)
+    async def _predicted(self, ids: list[str]) -> dict[str, list[dict] | None]:
+        if self.finding_head is None or not ids:
+            return {}
+        return self._describe_findings(await self._call(self.searcher.vectors.remote(ids)))
+
+    async def _search(self, vector: np.ndarray | None, k: int, filters: dict, from_id: str | None = None,
+                      exclude: str | None = None) -> dict:
+        """Hits as results and the index version searched: one call to the searcher, one to the studies.
+        With ``from_id`` the query is that study's stored vector; ``found`` False: it has none."""
+        query = np.asarray(vector, np.float32) if vector is not None else None
+        found = await self._call(self.searcher.query.remote(query, k, filters, from_id, exclude,
+                                                            self.finding_head is not None))
+        if found["found"]:
+            found["results"] = await self._results(found["hits"], found["vectors"])
+        return found
 
     async def _index_info(self) -> dict:
         return await self._call(self.searcher.info.remote())
+
+    async def _retrieval_draft(self, embedding: np.ndarray, exclude: list[str], detected: list[dict] | None) -> dict:
+        """A draft from the reports of the nearest indexed *training* studies (so a test study never
+        drafts from its own report); with detected findings, from neighbours whose reports state them."""
+        from voxsearch.reports.drafting import Neighbour, compose_draft
+
+        wanted = self.config.draft_neighbours
+        k = wanted * (4 if detected is not None else 1) + len(exclude)
+        query = np.asarray(embedding, dtype=np.float32)[None, :]
+        try:
+            hits = (await self._call(self.searcher.search.remote(query, k, {"split": "train"})))[0]
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - indexes built without a split column cannot filter on it
+            log.info("searching training studies by split failed (%s); drafting from all studies", exc)
+            hits = (await self._call(self.searcher.search.remote(query, k, None)))[0]
+        hits = [h for h in hits if h["id"] not in exclude][: k - len(exclude)]
+        reports = await self._call(self.studies.reports.remote([h["id"] for h in hits]))
+        neighbours = [Neighbour(h["id"], h["score"], reports.get(h["id"]) or "") for h in hits]
+        draft = compose_draft(neighbours, detected=detected, max_neighbours=wanted)
+        return {"method": draft.method, "report": draft.text, "sources": draft.sources, "detected": detected}
 
     async def _study_vector(self, series_id: str) -> np.ndarray:
         """An indexed study's stored vector, or its encoding when the index cannot give it back."""
         vectors = await self._call(self.searcher.vectors.remote([series_id]))
         if vectors.get(series_id) is not None:
             return vectors[series_id]
+        return await self._encode_study(series_id)
+
+    async def _encode_study(self, series_id: str) -> np.ndarray:
         if not await self._call(self.studies.has.remote(series_id)):
             raise HTTPException(404, f"no study with series_id {series_id}")
         volume = await self._call(self.studies.model_input.remote(series_id, self.preprocess.to_dict()))
@@ -473,9 +532,8 @@ class Ingress:
         k = self._k(body.k)
         filters = self._filters(body.filters.model_dump(exclude_none=True) if body.filters else None)
         vector, query_findings = await self._call(self.text.encode_query.remote(query))
-        results = await self._search(vector, k, filters)
-        info = await self._index_info()
-        return {"results": results, "index_version": info["version"], "took_ms": (time.perf_counter() - started) * 1e3,
+        found = await self._search(vector, k, filters)
+        return {"results": found["results"], "index_version": found["version"], "took_ms": (time.perf_counter() - started) * 1e3,
                 "query": {"text": query, "k": k, "filters": filters, "findings": query_findings}}
 
     @app.post("/api/v1/search/scan", response_model=SearchResponse, responses=ERRORS, tags=["search"])
@@ -498,14 +556,14 @@ class Ingress:
             raise HTTPException(422, "send exactly one of: file (an upload) or series_id (an indexed study)")
         if file is not None:
             (volume,) = (await self._read_upload(file, scan_modality, [self.preprocess])).arrays
-            vector = await self._call(self.image.encode.remote(volume))
+            found = await self._search(await self._call(self.image.encode.remote(volume)), k, filters)
             exclude = None
         else:
             exclude = _check_id(series_id)
-            vector = await self._study_vector(exclude)
-        results = await self._search(vector, k, filters, exclude=exclude)
-        info = await self._index_info()
-        return {"results": results, "index_version": info["version"], "took_ms": (time.perf_counter() - started) * 1e3,
+            found = await self._search(None, k, filters, from_id=exclude)
+            if not found["found"]:  # a catalogued study the index does not hold (yet): encode its scan
+                found = await self._search(await self._encode_study(exclude), k, filters, exclude=exclude)
+        return {"results": found["results"], "index_version": found["version"], "took_ms": (time.perf_counter() - started) * 1e3,
                 "query": {"series_id": exclude, "upload": file is not None, "k": k, "filters": filters}}
 
     # ---------------------------------------------------------------- studies
@@ -607,7 +665,7 @@ class Ingress:
 
         if chosen == "retrieval":
             detected = self.finding_head.describe(np.asarray(embedding, np.float32)) if self.finding_head else None
-            draft = await self._call(self.reporter.retrieval.remote(embedding, exclude, detected))
+            draft = await self._retrieval_draft(embedding, exclude, detected)
             note = "retrieval-based draft: sentences from the reports of the most similar indexed training studies"
             if detected is not None:
                 note += ", preferring those whose reports state the findings the model detects"

@@ -23,7 +23,8 @@ def added_dir(config: ServeConfig) -> str:
 
 
 def build_app(config: ServeConfig):
-    """The Serve application: Ingress(TextEncoder, ImageEncoder, IndexSearcher, StudyStore, ReportDrafter)."""
+    """The Serve application: Ingress(TextEncoder, ImageEncoder, IndexSearcher, StudyStore, ReportDrafter);
+    with ``colocate_data`` the searcher and the study store run inside the ingress replicas."""
     from voxsearch.serve.api import Ingress
     from voxsearch.serve.deployments import ImageEncoder, IndexSearcher, ReportDrafter, StudyStore, TextEncoder
 
@@ -36,12 +37,18 @@ def build_app(config: ServeConfig):
         catalog=str(Path(config.catalog).resolve()),
         report_model=str(Path(config.report_model).resolve()) if config.report_model else None,
     )
-    text = TextEncoder.options(**d.text_encoder.serve_options()).bind(config)
-    image = ImageEncoder.options(**d.image_encoder.serve_options()).bind(config)
-    searcher = IndexSearcher.options(**d.searcher.serve_options()).bind(config)
-    studies = StudyStore.options(**d.studies.serve_options()).bind(config, added_dir(config))
-    reporter = ReportDrafter.options(**d.reporter.serve_options()).bind(config, searcher, studies)
-    return Ingress.options(**d.ingress.serve_options()).bind(config, text, image, searcher, studies, reporter)
+
+    def options(deployment) -> dict:
+        return {**deployment.serve_options(), "logging_config": {"enable_access_log": config.access_log}}
+
+    text = TextEncoder.options(**options(d.text_encoder)).bind(config)
+    image = ImageEncoder.options(**options(d.image_encoder)).bind(config)
+    searcher = studies = None
+    if not config.colocate_data:
+        searcher = IndexSearcher.options(**options(d.searcher)).bind(config)
+        studies = StudyStore.options(**options(d.studies)).bind(config, added_dir(config))
+    reporter = ReportDrafter.options(**options(d.reporter)).bind(config)
+    return Ingress.options(**options(d.ingress)).bind(config, text, image, searcher, studies, reporter)
 
 
 def serve_http_bind() -> tuple[str, int]:

@@ -136,6 +136,13 @@ class ServeConfig:
     excerpt_chars: int = 240
     # Volumes kept in memory for slice rendering, per study-store replica.
     volume_cache: int = 8
+    # Run the index searcher and the study store inside each ingress replica instead of as deployments
+    # of their own: a call between replicas costs milliseconds of CPU, more than the search itself, so
+    # this serves several times the requests per core. Turn it off to scale them separately on a
+    # cluster (deployments.searcher and deployments.studies then apply).
+    colocate_data: bool = True
+    # Ray Serve's per-request access log lines (in its log files); off, each request costs less CPU.
+    access_log: bool = False
 
     def keys_required(self) -> bool:
         if self.require_api_key is not None:

@@ -20,6 +20,36 @@ from voxsearch.serve.config import ServeConfig, ServeConfigError
 log = logging.getLogger("voxsearch.serve")
 
 
+class LocalDeployment:
+    """A deployment's class run inside the calling replica, called like its handle: ``x.method.remote(...)``
+    gives an awaitable. Used to co-locate the searcher and the study store with the ingress, where a call
+    between replicas costs more CPU than the work it carries."""
+
+    def __init__(self, instance: Any):
+        self._instance = instance
+
+    def __getattr__(self, name: str) -> "_LocalMethod":
+        return _LocalMethod(getattr(self._instance, name))
+
+
+class _LocalMethod:
+    def __init__(self, method):
+        self._method = method
+
+    def remote(self, *args, **kwargs):
+        result = self._method(*args, **kwargs)
+        if asyncio.iscoroutine(result):
+            return result
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(result)
+        return done
+
+
+def local_deployment(deployment, *args) -> LocalDeployment:
+    """An instance of a @serve.deployment class, built in this process."""
+    return LocalDeployment(deployment.func_or_class(*args))
+
+
 def check_before_start(config: ServeConfig) -> None:
     """What the replicas would refuse, refused before any of them starts and with the reason (a replica
     that fails in its constructor only tells Serve's logs why): an unusable checkpoint, an index of
@@ -143,6 +173,13 @@ class IndexSearcher:
     async def search(self, vectors: np.ndarray, k: int, filters: dict | None) -> list[list[dict]]:
         return await asyncio.to_thread(self.holder.search, vectors, k, filters)
 
+    async def query(self, vector: np.ndarray | None, k: int, filters: dict | None, from_id: str | None = None,
+                    exclude: str | None = None, with_vectors: bool = False) -> dict:
+        """A request's whole search in one call (see IndexHolder.query): each call between deployments
+        costs milliseconds of CPU, more than searching a 100,000-vector index."""
+        return await asyncio.to_thread(self.holder.query, vector, k, filters, from_id=from_id, exclude=exclude,
+                                       with_vectors=with_vectors)
+
     async def add(self, ids: list[str], vectors: np.ndarray, metadata_rows: list[dict]) -> dict:
         import pyarrow as pa
 
@@ -218,16 +255,10 @@ class StudyStore:
 
 @serve.deployment(name="ReportDrafter")
 class ReportDrafter:
-    """Report drafts: a report model when one is configured, else a retrieval-based draft.
+    """The report model, when one is configured: drafts a report from a study's volume. (Retrieval-based
+    drafts need no model; the ingress composes them from the searcher and the study store.)"""
 
-    The retrieval draft reads the reports of the nearest indexed *training* studies, so a test study
-    never drafts from its own report.
-    """
-
-    def __init__(self, config: ServeConfig, searcher, studies):
-        self.searcher = searcher
-        self.studies = studies
-        self.neighbours = config.draft_neighbours
+    def __init__(self, config: ServeConfig):
         self.model = None
         if config.report_model:
             from voxsearch.reports.model import load_report_model
@@ -243,23 +274,6 @@ class ReportDrafter:
             "generator_preprocess": dict(self.model.preprocess) if self.model is not None else None,
             "methods": ["retrieval", "generate"] if self.model is not None else ["retrieval"],
         }
-
-    async def retrieval(self, embedding: np.ndarray, exclude: list[str], detected: list[dict] | None = None) -> dict:
-        from voxsearch.reports.drafting import Neighbour, compose_draft
-
-        # With detected findings, look further for neighbours whose reports state them.
-        k = self.neighbours * (4 if detected is not None else 1) + len(exclude)
-        query = np.asarray(embedding, dtype=np.float32)[None, :]
-        try:
-            hits = (await self.searcher.search.remote(query, k, {"split": "train"}))[0]
-        except Exception as exc:  # noqa: BLE001 - indexes built without a split column cannot filter on it
-            log.info("searching training studies by split failed (%s); drafting from all studies", exc)
-            hits = (await self.searcher.search.remote(query, k, None))[0]
-        hits = [h for h in hits if h["id"] not in exclude][: k - len(exclude)]
-        reports = await self.studies.reports.remote([h["id"] for h in hits])
-        neighbours = [Neighbour(h["id"], h["score"], reports.get(h["id"]) or "") for h in hits]
-        draft = compose_draft(neighbours, detected=detected, max_neighbours=self.neighbours)
-        return {"method": draft.method, "report": draft.text, "sources": draft.sources, "detected": detected}
 
     def _image(self, volume: np.ndarray):
         import torch

@@ -97,6 +97,31 @@ class IndexHolder:
         hits = index.search(np.asarray(vectors, dtype=np.float32), k=k, filters=filters or None)
         return [[{"id": h.id, "score": float(h.score), "metadata": dict(h.metadata or {})} for h in row] for row in hits]
 
+    def query(self, vector: np.ndarray | None, k: int, filters: dict | None, *, from_id: str | None = None,
+              exclude: str | None = None, with_vectors: bool = False) -> dict[str, Any]:
+        """One search as a request needs it, from one version of the index: the query is ``vector`` or
+        the stored vector of ``from_id``; ``exclude`` (and ``from_id``) is left out of the hits. With the
+        hits come the version searched and, ``with_vectors``, the hits' stored vectors. ``found`` is False
+        when ``from_id`` is not indexed (or its vector cannot be given back): nothing was searched."""
+        with self._lock:
+            index, version = self.index, self.version
+        if from_id is not None:
+            exclude = from_id
+            try:
+                vector = index.vector(from_id)
+            except (KeyError, ValueError):
+                return {"found": False, "version": version, "hits": [], "vectors": {}}
+        extra = 1 if exclude is not None else 0
+        (row,) = index.search(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=k + extra, filters=filters or None)
+        hits = [h for h in row if h.id != exclude][:k]
+        vectors: dict[str, np.ndarray | None] = {}
+        if with_vectors:
+            vectors = self._stored(index, [h.id for h in hits])
+        return {
+            "found": True, "version": version, "vectors": vectors,
+            "hits": [{"id": h.id, "score": float(h.score), "metadata": dict(h.metadata or {})} for h in hits],
+        }
+
     def info(self) -> dict[str, Any]:
         index = self.index
         manifest = dict(getattr(index, "manifest", {}) or {})
@@ -113,7 +138,10 @@ class IndexHolder:
 
     def vectors(self, ids: list[str]) -> dict[str, np.ndarray | None]:
         """Stored vectors of indexed ids (None for unknown ids or an index that cannot give them back)."""
-        index = self.index
+        return self._stored(self.index, ids)
+
+    @staticmethod
+    def _stored(index, ids: list[str]) -> dict[str, np.ndarray | None]:
         out: dict[str, np.ndarray | None] = {}
         for i in ids:
             try:
