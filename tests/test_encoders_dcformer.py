@@ -165,9 +165,26 @@ def test_channels_last_gives_the_same_maps_and_names():
             after, before = model.feature_maps(x), reference.feature_maps(x)
         for a, b in zip(after, before):
             assert a.shape == b.shape and rel_err(a, b) < 1e-5
-    with torch.inference_mode():  # the first unit runs in the standard layout and hands on channels-last
+    # The first unit (one input channel) runs as line gathers and matrix products, channels-last out.
+    assert model.encoder.s0[0][0].lines_as_matmul and not model.encoder.s0[0][1].lines_as_matmul
+    with torch.inference_mode():
         first_out = model.encoder.s0[0][0](torch.rand(2, 1, 64, 64, 32))
     assert first_out.is_contiguous(memory_format=torch.channels_last_3d) and not first_out.is_contiguous()
+
+
+def test_channels_last_without_folding_keeps_the_convolutions():
+    torch.manual_seed(6)
+    model = dcformer("nano")
+    randomise_batchnorm(model, seed=6)
+    model.eval()
+    reference = dcformer("nano").eval()
+    reference.load_state_dict(model.state_dict())
+    model.use_channels_last()
+    assert not model.encoder.s0[0][0].lines_as_matmul  # BatchNorm still separate: the plain path
+    x = torch.rand(2, 1, 40, 72, 56)
+    with torch.inference_mode():
+        for a, b in zip(model.feature_maps(x), reference.feature_maps(x)):
+            assert rel_err(a, b) < 1e-5
 
 
 def test_branch_sums_in_place_equal_the_published_sum_and_train():

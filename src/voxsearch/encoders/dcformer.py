@@ -52,8 +52,19 @@ class DecompConv3d(nn.Module):
                 nn.BatchNorm3d(out_ch),
             )
             self.add_module(name, branch)
+        self.lines_as_matmul = False
+
+    def use_lines_as_matmul(self) -> bool:
+        """Compute this unit as line gathers and one small matrix product per branch, channels-last out
+        (see _lines_as_matmul); only for a folded unit with one input channel. Returns whether it applies."""
+        convs = [getattr(self, name)[0] for name in ("c1", "c2", "c3")]
+        folded = all(isinstance(getattr(self, name)[1], nn.Identity) for name in ("c1", "c2", "c3"))
+        self.lines_as_matmul = folded and all(c.in_channels == 1 and c.groups == 1 for c in convs)
+        return self.lines_as_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lines_as_matmul:
+            return self._lines_as_matmul(x)
         # Summed into the first branch's output: no second full-size buffer (the stem's maps are 32 MiB
         # each at 128x256x256, and allocating them costs more than adding). Autograd allows it: neither
         # convolution nor BatchNorm keeps its output for the backward pass.
@@ -61,6 +72,36 @@ class DecompConv3d(nn.Module):
         out += self.c2(x)
         out += self.c3(x)
         return out
+
+    def _lines_as_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sum for one input channel, computed directly: each branch reads one line of k voxels
+        per output voxel, so gather those lines (a strided view: the other two axes are only subsampled)
+        and multiply by the (k, C) weights into one channels-last output. The stem's first unit runs its
+        stride-4 convolutions on one channel at a small fraction of the CPU's speed; this way it costs
+        little more than writing its output."""
+        convs = [self.c1[0], self.c2[0], self.c3[0]]
+        out = None
+        for axis, conv in enumerate(convs):
+            stride, pad, k = conv.stride[axis], conv.padding[axis], conv.kernel_size[axis]
+            # Along the other two axes the kernel is 1 and there is no padding: every stride-th plane.
+            keep = [slice(None)] * 4
+            for other in range(3):
+                if other != axis:
+                    keep[other + 1] = slice(None, None, conv.stride[other])
+            volume = x[:, 0][tuple(keep)]  # (B, A0, A1, A2), subsampled
+            if pad:
+                pads = [0] * 6
+                pads[2 * (2 - axis)] = pads[2 * (2 - axis) + 1] = pad
+                volume = nn.functional.pad(volume, pads)
+            lines = volume.unfold(axis + 1, k, stride)  # (B, O0, O1, O2, k)
+            weight = conv.weight.reshape(conv.out_channels, k).t()
+            if out is None:
+                bias = sum(c.bias for c in convs)
+                out = torch.addmm(bias, lines.reshape(-1, k), weight)
+            else:
+                out.addmm_(lines.reshape(-1, k), weight)
+        shape = lines.shape[:4]
+        return out.view(*shape, -1).permute(0, 4, 1, 2, 3)
 
 
 class Mlp(nn.Module):
@@ -172,7 +213,8 @@ class DCFormer(nn.Module):
         # output is turned channels-last for the rest (convolutions follow their input's layout).
         first = self.encoder.s0[0][0]
         first.to(memory_format=torch.contiguous_format)
-        first.register_forward_hook(lambda module, args, out: out.contiguous(memory_format=torch.channels_last_3d))
+        if not first.use_lines_as_matmul():  # that one hands on channels-last itself
+            first.register_forward_hook(lambda module, args, out: out.contiguous(memory_format=torch.channels_last_3d))
         self.memory_format = torch.channels_last_3d
         return self
 
