@@ -1,7 +1,7 @@
 """Bulk embedding throughput: the Ray Data pipeline vs a plain single-process loop over the same files.
 
-    python bench/embed.py --quick     # 1x64x128x128 inputs, 6 series (a few minutes on 2 cores)
-    python bench/embed.py             # 1x128x256x256 inputs (Med3DVLM size), 8 series, DCFormer-nano and -small
+    python bench/embed.py --quick     # 1x64x128x128 inputs, 8 series (a few minutes on 2 cores)
+    python bench/embed.py             # 1x128x256x256 inputs (Med3DVLM size), 16 series, DCFormer-nano and -small
 
 Both modes embed the same catalog (a synthetic archive at full in-plane size, ingested first) with a
 random-weight CLIP of each variant (throughput does not depend on the weights), images and report text,
@@ -73,7 +73,7 @@ def plain_loop(rows: list[dict], checkpoint: Path, out: Path) -> dict:
     preprocess = resolve_model(checkpoint).preprocess
     model = load_clip(checkpoint, device="cuda" if torch.cuda.is_available() else "cpu").prepare_for_inference()
     stages["load_model"] = time.perf_counter() - start
-    ids, vectors, text_vectors = [], [], []
+    ids, vectors, text_vectors, done_at = [], [], [], []
     for row in rows:
         t0 = time.perf_counter()
         volume = read_volume_row(row)
@@ -88,6 +88,7 @@ def plain_loop(rows: list[dict], checkpoint: Path, out: Path) -> dict:
         stages["preprocess"] += t2 - t1
         stages["model"] += t3 - t2
         ids.append(row["series_id"])
+        done_at.append(t3)
     t3 = time.perf_counter()
     matrix = np.stack(vectors)
     table = pa.table({"id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])})
@@ -95,8 +96,9 @@ def plain_loop(rows: list[dict], checkpoint: Path, out: Path) -> dict:
     atomic_write_parquet(out / "part-loop-00000.parquet", table)
     stages["write"] = time.perf_counter() - t3
     seconds = time.perf_counter() - start
+    steady = (len(rows) - 1) / (done_at[-1] - done_at[0]) if len(rows) > 1 else None
     return {"seconds": seconds, "series": len(rows), "series_per_s": len(rows) / seconds, "stage_seconds": stages,
-            "vectors": dict(zip(ids, matrix))}
+            "startup_s": done_at[0] - start, "steady_series_per_s": steady, "vectors": dict(zip(ids, matrix))}
 
 
 def pipeline(catalog: Path, checkpoint: Path, out: Path, batch_size: int, reads_in_actor: bool | None = None) -> dict:
@@ -108,7 +110,8 @@ def pipeline(catalog: Path, checkpoint: Path, out: Path, batch_size: int, reads_
     embeddings = read_embeddings(out)
     vectors = dict(zip(embeddings.ids, embeddings.vectors))
     return {"seconds": summary.seconds, "series": summary.embedded, "failed": summary.failed, "actors": summary.actors,
-            "series_per_s": summary.throughput, "stage_seconds": summary.stage_seconds, "vectors": vectors}
+            "series_per_s": summary.throughput, "stage_seconds": summary.stage_seconds, "vectors": vectors,
+            "startup_s": summary.startup_seconds, "steady_series_per_s": summary.steady_series_per_s}
 
 
 def model_gflops(variant: str, image_size: tuple) -> float:
@@ -126,8 +129,8 @@ def model_gflops(variant: str, image_size: tuple) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1x64x128x128 inputs, 6 series")
-    parser.add_argument("--n", type=int, help="series to embed (default 8, quick 6)")
+    parser.add_argument("--quick", action="store_true", help="1x64x128x128 inputs, 8 series")
+    parser.add_argument("--n", type=int, help="series to embed (default 16, quick 8)")
     parser.add_argument("--variants", default="nano,small", help="DCFormer variants, comma-separated")
     parser.add_argument("--batch-size", type=int, default=2, help="pipeline volumes per forward pass")
     parser.add_argument("--workdir", help="keep the archive, catalog and shards here (default: a temp folder)")
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
 
     mode = "quick" if args.quick else "full"
     image_size = (64, 128, 128) if args.quick else (128, 256, 256)
-    n = args.n or (6 if args.quick else 8)
+    n = args.n or (8 if args.quick else 16)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="voxsearch-bench-embed-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -188,6 +191,10 @@ def main(argv=None) -> int:
                 "variant": variant, "mode": name, "series": r["series"], "seconds": round(r["seconds"], 2),
                 "series_per_s": round(r["series_per_s"], 4),
                 "ratio_vs_loop": round(r["series_per_s"] / loop["series_per_s"], 3),
+                "startup_s": round(r["startup_s"], 2),
+                "steady_series_per_s": round(r["steady_series_per_s"], 4) if r["steady_series_per_s"] else None,
+                "steady_ratio_vs_loop": (round(r["steady_series_per_s"] / loop["steady_series_per_s"], 3)
+                                         if r["steady_series_per_s"] and loop["steady_series_per_s"] else None),
                 "stage_seconds": {k: round(v, 2) for k, v in r["stage_seconds"].items()},
                 "model_s_per_series": round(r["stage_seconds"]["model"] / max(1, r["series"]), 3),
                 "read_preprocess_s_per_series": round(
@@ -196,16 +203,19 @@ def main(argv=None) -> int:
                 "actors": r.get("actors"), "max_abs_diff_vs_loop": max_diff, "image_gflops_per_series": round(gflops, 1),
             })
 
-    header = (f"{'variant':8} {'mode':9} {'series':>6} {'wall s':>7} {'series/s':>9} {'x loop':>7} {'read':>6} "
-              f"{'prep':>6} {'model':>7} {'write':>6} {'busy':>5}")
+    header = (f"{'variant':8} {'mode':9} {'series':>6} {'wall s':>7} {'series/s':>9} {'x loop':>7} {'start s':>8} "
+              f"{'steady/s':>9} {'x loop':>7} {'read':>6} {'prep':>6} {'model':>7} {'write':>6} {'busy':>5}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         s = r["stage_seconds"]
         busy = f"{r['model_busy_fraction']:.2f}" if r["model_busy_fraction"] is not None else "-"
+        steady = f"{r['steady_series_per_s']:>9.3f}" if r["steady_series_per_s"] else f"{'-':>9}"
+        steady_x = f"{r['steady_ratio_vs_loop']:>7.2f}" if r["steady_ratio_vs_loop"] else f"{'-':>7}"
         print(f"{r['variant']:8} {r['mode']:9} {r['series']:>6} {r['seconds']:>7.1f} {r['series_per_s']:>9.3f} "
-              f"{r['ratio_vs_loop']:>7.2f} {s['read']:>6.1f} {s['preprocess']:>6.1f} {s['model']:>7.1f} "
-              f"{s['write']:>6.2f} {busy:>5}")
-    print("stage columns: busy seconds summed over workers; busy: model actor busy / wall time")
+              f"{r['ratio_vs_loop']:>7.2f} {r['startup_s']:>8.1f} {steady} {steady_x} {s['read']:>6.1f} "
+              f"{s['preprocess']:>6.1f} {s['model']:>7.1f} {s['write']:>6.2f} {busy:>5}")
+    print("start s: until the first rows were done (workers starting: imports, model load); steady: series/s after "
+          "them;\nstage columns: busy seconds summed over workers; busy: model actor busy / wall time")
 
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

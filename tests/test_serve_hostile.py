@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import io
 import json
+import time
 import tracemalloc
 import zipfile
 
@@ -110,15 +111,35 @@ def test_dicom_series_declaring_too_many_pixel_bytes_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ concurrent decodes
-def test_decode_slots_refuse_at_once_with_retry_after():
-    slots = DecodeSlots(1)
-    with slots.claim():
-        with pytest.raises(UploadError) as err:
-            with slots.claim():
-                pass
-    assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0
-    with slots.claim():  # released again
-        pass
+def test_decode_slots_wait_a_bounded_time_then_refuse_with_retry_after():
+    async def scenario():
+        slots = DecodeSlots(1, wait_s=0.3)
+        async with slots.claim():
+            started = time.monotonic()
+            with pytest.raises(UploadError) as err:
+                async with slots.claim():
+                    pass
+            waited = time.monotonic() - started
+        assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0
+        assert waited >= 0.3  # it waited for a slot before refusing
+
+        # A slot freed while a request waits goes to that request: answered, not refused.
+        order = []
+
+        async def holder():
+            async with slots.claim():
+                order.append("first")
+                await asyncio.sleep(0.1)
+
+        async def waiter():
+            await asyncio.sleep(0.01)
+            async with slots.claim():
+                order.append("second")
+
+        await asyncio.gather(holder(), waiter())
+        assert order == ["first", "second"]
+
+    asyncio.run(scenario())
 
 
 def test_ingress_answers_503_with_retry_after_while_its_decode_slots_are_taken():
@@ -127,10 +148,13 @@ def test_ingress_answers_503_with_retry_after_while_its_decode_slots_are_taken()
     class FakeIngress:
         decode_slots = DecodeSlots(1)
 
-    with FakeIngress.decode_slots.claim():
-        with pytest.raises(UploadError) as err:
+    async def taken():
+        async with FakeIngress.decode_slots.claim():
             # The file is never touched: the slot is claimed before the upload is saved.
-            asyncio.run(api.Ingress.func_or_class._read_upload(FakeIngress(), None, None, []))
+            await api.Ingress.func_or_class._read_upload(FakeIngress(), None, None, [])
+
+    with pytest.raises(UploadError) as err:
+        asyncio.run(taken())
     response = asyncio.run(api.app.exception_handlers[UploadError](None, err.value))
     assert response.status_code == 503 and response.headers["retry-after"] == str(DecodeSlots.RETRY_AFTER_S)
 

@@ -72,6 +72,9 @@ def run(args) -> int:
     print(f"embedded {s.embedded}, skipped {s.skipped} (already done), failed {s.failed}"
           + (f", redone {s.superseded} changed" if s.superseded else ""))
     print(f"{s.seconds:.1f} s, {s.throughput:.2f} series/s; model {s.model_id}, preprocessing {s.preprocess_id}")
+    if s.startup_seconds is not None:
+        steady = f", then {s.steady_series_per_s:.2f} series/s" if s.steady_series_per_s else ""
+        print(f"first rows after {s.startup_seconds:.1f} s (workers starting, model loading){steady}")
     if s.stage_seconds:
         busy = ", ".join(f"{k} {v:.1f}" for k, v in s.stage_seconds.items())
         print(f"busy seconds summed over workers: {busy}")

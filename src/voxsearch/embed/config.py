@@ -86,6 +86,10 @@ class EmbedSummary:
     actors: dict = field(default_factory=dict)
     # Index update: {"path", "action": "built"|"updated"|"unchanged", "added", "deleted", "size"}.
     index: dict | None = None
+    # Seconds from the start until the first rows came back (worker start-up: imports, model load, first
+    # batch), and series/s from then to the last rows: the rate a long run settles at.
+    startup_seconds: float | None = None
+    steady_series_per_s: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -106,4 +110,6 @@ class EmbedSummary:
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "actors": self.actors,
             "index": self.index,
+            "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 3),
+            "steady_series_per_s": None if self.steady_series_per_s is None else round(self.steady_series_per_s, 4),
         }

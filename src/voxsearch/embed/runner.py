@@ -204,7 +204,8 @@ def _run_pipeline(cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddi
     if missing:
         raise EmbedError(f"the pipeline returned {n - missing} of {n} rows; rerun to embed the rest")
     return {"embedded": written["embedded"], "failed": written["failed"], "actors": actors,
-            "stage_seconds": {**batches.stage_seconds, "write": written["write_seconds"]}}
+            "stage_seconds": {**batches.stage_seconds, "write": written["write_seconds"]},
+            "arrivals": written["arrivals"]}
 
 
 def _consume(ds, cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: EmbeddingStore, schema: pa.Schema):
@@ -217,10 +218,12 @@ def _consume(ds, cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddin
     embedded_writer = ShardWriter(store.root, schema, run_id, cfg.shard_rows)
     error_writer = ShardWriter(store.errors_dir, ERROR_SCHEMA, run_id, cfg.shard_rows)
     failed = 0
+    arrivals: list[tuple[float, int]] = []  # (time, rows) of each batch: start-up and steady rate
     bar = tqdm(total=plan.todo.num_rows, unit="series", desc="embed", disable=not cfg.progress, dynamic_ncols=True)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             ok_rows, error_rows, arrived = batches.split(batch)
+            arrivals.append((perf_counter(), arrived))
             embedded_writer.add(ok_rows)
             error_writer.add(error_rows)
             failed += error_rows.num_rows
@@ -232,7 +235,19 @@ def _consume(ds, cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddin
         error_writer.close()
         bar.close()
     return batches, {"embedded": embedded_writer.rows_written, "failed": error_writer.rows_written,
-                     "write_seconds": embedded_writer.seconds + error_writer.seconds}
+                     "write_seconds": embedded_writer.seconds + error_writer.seconds, "arrivals": arrivals}
+
+
+def _rates(arrivals: list[tuple[float, int]], start: float) -> dict:
+    """Start-up seconds (until the first rows came back) and the steady rate after them."""
+    if not arrivals:
+        return {}
+    first, first_rows = arrivals[0]
+    rates = {"startup_seconds": first - start}
+    later = sum(rows for _, rows in arrivals[1:])
+    if later and arrivals[-1][0] > first:
+        rates["steady_series_per_s"] = later / (arrivals[-1][0] - first)
+    return rates
 
 
 def run_embedding(cfg: EmbedConfig) -> EmbedSummary:
@@ -255,7 +270,7 @@ def run_embedding(cfg: EmbedConfig) -> EmbedSummary:
             log.info("%d series changed since they were embedded: redoing them", len(plan.superseded))
             store.mark_superseded(plan.superseded)
         store.remove_ids(plan.superseded + plan.retried)
-        result = {"embedded": 0, "failed": 0, "stage_seconds": {}}
+        result = {"embedded": 0, "failed": 0, "stage_seconds": {}, "arrivals": []}
         if plan.todo.num_rows:
             schema = embedding_schema(catalog.schema, model.dim, model.dim if cfg.with_text else None, cfg.vector_dtype)
             result = _run_pipeline(cfg, plan, model, store, schema)
@@ -275,6 +290,7 @@ def run_embedding(cfg: EmbedConfig) -> EmbedSummary:
         stage_seconds=result["stage_seconds"],
         actors=result.get("actors", {}),
         index=index_info,
+        **_rates(result["arrivals"], start),
     )
     log.info("embed summary: %s", summary.to_dict())
     return summary

@@ -335,7 +335,7 @@ class Ingress:
         _Runtime.keys = KeyChecker(config.resolved_api_keys(), config.keys_required())
         _Runtime.local = None if config.keys_required() or not is_loopback(config.host) else LoopbackOnly(config.port)
         _Runtime.limits = config.limits
-        self.decode_slots = DecodeSlots(config.limits.max_concurrent_decodes)
+        self.decode_slots = DecodeSlots(config.limits.max_concurrent_decodes, config.limits.decode_wait_s)
         _Runtime.roots = tuple(str(p) for p in (config.upload_dir, config.data_dir, config.catalog, config.index,
                                                  config.checkpoint, config.report_model) if p)
         scrub_library_logs()  # uploads are decoded here
@@ -371,7 +371,7 @@ class Ingress:
         return k
 
     async def _read_upload(self, file: UploadFile, modality: str | None, configs: list) -> DecodedUpload:
-        with self.decode_slots.claim():
+        async with self.decode_slots.claim():
             return await read_upload(file, modality, configs, self.limits, self.config.upload_dir)
 
     async def _results(self, hits: list[dict], vectors: dict[str, np.ndarray | None]) -> list[dict]:

@@ -90,9 +90,10 @@ class Limits:
     # Voxel data a header declares (voxels x bytes per voxel; DICOM: rows x columns x frames x bits): a
     # small .nii.gz can declare gigabytes. float32 fits at max_voxels; float64 at half of it.
     max_decoded_bytes: int = 1600 * 1024**2
-    # Uploads decoded at once per ingress replica; one more is answered 503 with Retry-After, not queued:
-    # each decode holds up to ~max_voxels x 4 bytes in memory.
+    # Uploads decoded at once per ingress replica (each holds up to ~max_voxels x 4 bytes in memory); one
+    # more waits up to decode_wait_s for a slot, then is answered 503 with Retry-After.
     max_concurrent_decodes: int = 2
+    decode_wait_s: float = 10.0
     # Any request body other than an upload (JSON searches, id-only forms).
     max_body_bytes: int = 1024**2
     max_query_chars: int = 1000
@@ -197,6 +198,8 @@ class ServeConfig:
             raise ServeConfigError(f"serve config: port {self.port} is out of range")
         if self.limits.max_concurrent_decodes < 1:
             raise ServeConfigError("serve config: limits.max_concurrent_decodes must be at least 1")
+        if self.limits.decode_wait_s < 0:
+            raise ServeConfigError("serve config: limits.decode_wait_s must not be negative")
         if self.keys_required() and not self.resolved_api_keys():
             raise self._keys_missing()
         if any(len(k) < 16 for k in self.resolved_api_keys()):

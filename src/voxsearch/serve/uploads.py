@@ -8,6 +8,7 @@ name. Errors carry an HTTP status so the API can answer 4xx without knowing the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import shutil
@@ -15,6 +16,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -43,23 +45,29 @@ class UploadError(Exception):
 
 class DecodeSlots:
     """At most `slots` uploads validated and decoded at once in one replica, each holding up to
-    ~max_voxels x 4 bytes. One more is refused at once (503, Retry-After) rather than queued: a queue
-    would hold every waiting upload on disk and every waiting client connected.
+    ~max_voxels x 4 bytes. One more waits up to `wait_s` for a slot (a burst of uploads is answered
+    rather than refused), then is refused (503, Retry-After). The wait is bounded, and so is the number
+    of waiting requests (the ingress's max_ongoing_requests), so waiting holds no unbounded memory.
     """
 
     RETRY_AFTER_S = 5
+    POLL_S = 0.05
 
-    def __init__(self, slots: int):
-        # A thread semaphore: claimed and released around awaits on the replica's event loop, never blocking.
+    def __init__(self, slots: int, wait_s: float = 0.0):
+        # A thread semaphore, taken without blocking: the replica's event loop never stalls on it.
         self._free = threading.BoundedSemaphore(slots)
+        self.wait_s = wait_s
 
-    @contextlib.contextmanager
-    def claim(self):
-        if not self._free.acquire(blocking=False):
-            raise UploadError(
-                503, "the server is decoding as many uploads as it can; retry in a few seconds",
-                headers={"Retry-After": str(self.RETRY_AFTER_S)},
-            )
+    @contextlib.asynccontextmanager
+    async def claim(self):
+        deadline = time.monotonic() + self.wait_s
+        while not self._free.acquire(blocking=False):
+            if time.monotonic() >= deadline:
+                raise UploadError(
+                    503, "the server is decoding as many uploads as it can; retry in a few seconds",
+                    headers={"Retry-After": str(self.RETRY_AFTER_S)},
+                )
+            await asyncio.sleep(self.POLL_S)
         try:
             yield
         finally:
