@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -318,3 +319,138 @@ def test_ingest_reads_an_archive_in_s3_into_a_catalog_there(bucket, tmp_path, mo
     monkeypatch.delenv("VOXSEARCH_SALT", raising=False)
     with pytest.raises(ValueError, match="give its salt"):
         run_ingest(IngestConfig(archive=f"{bucket}/archive", out=f"{bucket}/other", engine="local", progress=False))
+
+
+# -- CLIP checkpoints in object storage -------------------------------------------------------------------
+CLIP_SIZE = (32, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A small checkpoint (text weights from the installed package) with a nested object besides."""
+    import torch
+
+    from voxsearch.encoders import ClipConfig, ClipModel, TextTowerConfig, save_clip
+
+    torch.manual_seed(0)
+    model = ClipModel(ClipConfig(vision_variant="nano", embed_dim=16, text=TextTowerConfig(max_length=32),
+                                 image_size=CLIP_SIZE, finding_labels=("mass|liver",)))
+    folder = save_clip(model, tmp_path_factory.mktemp("clip") / "ckpt", packaged_text=True,
+                       extra={"preprocess": {"spatial_size": list(CLIP_SIZE)}})
+    (folder / "notes").mkdir()
+    (folder / "notes" / "trained.txt").write_text("trained on synthetic scans")
+    return folder
+
+
+def _upload_folder(folder, uri: str) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        location(f"{uri}/{path.relative_to(folder).as_posix()}").upload(path)
+
+
+@pytest.fixture
+def downloads(monkeypatch, tmp_path) -> list[str]:
+    """The objects downloaded from now on, into a fresh cache."""
+    monkeypatch.setenv("VOXSEARCH_CACHE", str(tmp_path / "cache"))
+    fetched, real = [], ObjectPath.download
+
+    def counted(self, local):
+        fetched.append(self.uri)
+        return real(self, local)
+
+    monkeypatch.setattr(ObjectPath, "download", counted)
+    return fetched
+
+
+def test_checkpoint_in_s3_opens_like_the_local_folder_and_is_fetched_once(bucket, clip_folder, downloads, tmp_path):
+    import torch
+
+    from voxsearch.encoders import load_clip, model_id, open_checkpoint, read_clip_meta
+
+    uri = f"{bucket}/models/clip"
+    _upload_folder(clip_folder, uri)
+    local, remote = open_checkpoint(clip_folder), open_checkpoint(uri)
+    assert remote.model_id == local.model_id == model_id(uri) and remote.source == uri
+    assert remote.path.is_relative_to(tmp_path / "cache" / "checkpoints")
+    assert (remote.path / "notes" / "trained.txt").read_text() == "trained on synthetic scans"
+    assert remote.preprocess == local.preprocess and remote.finding_head().labels == ("mass|liver",)
+    x = torch.rand(2, 1, *CLIP_SIZE)
+    with torch.no_grad():
+        here, there = (c.load_model(inference=True).encode_image(x) for c in (local, remote))
+    torch.testing.assert_close(there, here, rtol=0, atol=1e-6)
+    assert sorted(downloads) == [f"{uri}/config.json", f"{uri}/model.safetensors", f"{uri}/notes/trained.txt"]
+
+    # Opened again (a second actor, a later run): the copy is used as it is.
+    assert open_checkpoint(uri).model_id == remote.model_id and read_clip_meta(uri) == remote.meta
+    load_clip(uri)
+    assert len(downloads) == 3
+
+    # A changed object makes a new copy; the old one stays for whoever still reads it.
+    meta = json.loads(location(f"{uri}/config.json").read_text())
+    meta["extra"]["trained_on"] = "more scans"
+    location(f"{uri}/config.json").write_text(json.dumps(meta))
+    changed = open_checkpoint(uri)
+    assert changed.meta["extra"]["trained_on"] == "more scans" and changed.model_id != remote.model_id
+    assert changed.path != remote.path and remote.path.is_dir() and len(downloads) == 6
+
+
+def test_checkpoint_copies_appear_whole_and_once_however_many_open_them(bucket, clip_folder, downloads, monkeypatch,
+                                                                        tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from voxsearch.encoders import open_checkpoint
+
+    uri = f"{bucket}/ckpt"
+    _upload_folder(clip_folder, uri)
+    counted = ObjectPath.download
+
+    def cut_off(self, local):  # the process dies after its first object
+        if downloads:
+            raise KeyboardInterrupt("killed mid-download")
+        return counted(self, local)
+
+    monkeypatch.setattr(ObjectPath, "download", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        open_checkpoint(uri)
+    cache = tmp_path / "cache" / "checkpoints"
+    assert [p.suffix for p in cache.rglob("*") if p.is_file()] == [".lock"]  # no half copy to be read
+    monkeypatch.setattr(ObjectPath, "download", counted)
+    downloads.clear()
+    with ThreadPoolExecutor(4) as pool:  # actors of one node starting together
+        ids = set(pool.map(lambda _: open_checkpoint(uri).model_id, range(4)))
+    assert ids == {open_checkpoint(clip_folder).model_id} and len(downloads) == 3
+    assert [p.name for p in cache.rglob("*") if p.name.startswith(".")] == []
+    assert len([p for p in cache.glob("*/*") if p.is_dir()]) == 1
+
+
+def test_checkpoint_uri_errors_name_the_uri(bucket, clip_folder, downloads):
+    from voxsearch.encoders import open_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/no/such/ckpt: no objects under it"):
+        open_checkpoint(f"{bucket}/no/such/ckpt")
+    location(f"{bucket}/other/readme.txt").write_text("not a checkpoint")
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/other is not a voxsearch CLIP checkpoint"):
+        open_checkpoint(f"{bucket}/other")
+    _upload_folder(clip_folder, f"{bucket}/broken")
+    location(f"{bucket}/broken/config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"corrupt checkpoint config {bucket}/broken/config.json"):
+        open_checkpoint(f"{bucket}/broken")
+    with pytest.raises(OSError) as failed:
+        open_checkpoint("s3://no-such-bucket-here/ckpt")
+    assert "s3://no-such-bucket-here" in str(failed.value) and "testing-secret" not in str(failed.value)
+
+
+def test_embed_and_serve_keep_a_checkpoint_uri(bucket, clip_folder, tmp_path):
+    from voxsearch.embed.config import EmbedConfig
+    from voxsearch.embed.runner import _absolute
+    from voxsearch.serve.app import _absolute as serve_absolute
+    from voxsearch.serve.config import ServeConfig, ServeConfigError
+
+    uri = f"{bucket}/ckpt"
+    _upload_folder(clip_folder, uri)
+    config = EmbedConfig(catalog=tmp_path, checkpoint=uri, out=tmp_path / "emb")
+    assert config.checkpoint == location(uri) and _absolute(config.checkpoint) == location(uri)
+    assert serve_absolute(uri) == uri and serve_absolute("ckpt") == str(Path("ckpt").resolve())
+    (tmp_path / "index").mkdir()
+    ServeConfig(index=str(tmp_path / "index"), checkpoint=uri, catalog=str(tmp_path)).validate()
+    with pytest.raises(ServeConfigError, match=f"checkpoint path {bucket}/missing does not exist"):
+        ServeConfig(index=str(tmp_path / "index"), checkpoint=f"{bucket}/missing", catalog=str(tmp_path)).validate()

@@ -18,7 +18,7 @@ def default_model_dir() -> Path:
     """$VOXSEARCH_REPORT_MODEL, else the model `voxsearch train report` writes by default."""
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV])
-    from voxsearch.reports.lm import cache_root
+    from voxsearch.common.cache import cache_root
 
     return cache_root() / "models" / "report"
 

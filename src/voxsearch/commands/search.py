@@ -57,7 +57,7 @@ def parse_filters(items: list[str]) -> dict:
 def _check_model(index, checkpoint) -> None:
     indexed = index.manifest.get("source", {}).get("model_id")
     if indexed and indexed != checkpoint.model_id:
-        raise ValueError(f"index was embedded with model {indexed}, but --checkpoint {checkpoint.path} is model "
+        raise ValueError(f"index was embedded with model {indexed}, but --checkpoint {checkpoint.source} is model "
                          f"{checkpoint.model_id}")
 
 

@@ -51,7 +51,8 @@ def _register_clip(stages) -> None:
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the text backbone fixed (its projection still trains)")
-    p.add_argument("--init", type=Path, help="start from a project checkpoint dir or a Med3DVLM checkpoint file")
+    p.add_argument("--init", help="start from a project checkpoint dir (or its s3:// / gs:// URI) or a Med3DVLM "
+                   "checkpoint file")
     p.add_argument("--init-text-dir", type=Path, help="ClinicalBERT directory for a Med3DVLM --init")
     p.add_argument("--vision-variant", choices=["nano", "naive", "tiny", "small", "base", "large"])
     p.add_argument("--embed-dim", type=int)

@@ -174,9 +174,14 @@ class ObjectPath:
 
     def rglob_files(self) -> list["ObjectPath"]:
         """Every object under this prefix, at any depth."""
+        return [obj for obj, _, _ in self.rglob_stats()]
+
+    def rglob_stats(self) -> list[tuple["ObjectPath", int, int | None]]:
+        """(object, size, modification time in ns) of every object under this prefix, at any depth."""
         with self._named("list"):
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
-        return sorted(ObjectPath(self.scheme, info.path, self.query) for info in infos if info.type == pafs.FileType.File)
+        return sorted((ObjectPath(self.scheme, info.path, self.query), info.size, info.mtime_ns)
+                      for info in infos if info.type == pafs.FileType.File)
 
     def delete_tree(self) -> None:
         """Delete every object under this prefix (and the empty "folder" markers pyarrow leaves when a

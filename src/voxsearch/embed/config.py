@@ -19,7 +19,7 @@ FUSE_BELOW_CPUS = 4
 @dataclass
 class EmbedConfig:
     catalog: Path | ObjectPath  # s3:// and gs:// too
-    checkpoint: Path
+    checkpoint: Path | ObjectPath  # s3:// and gs:// too: each worker fetches its own copy
     out: Path | ObjectPath  # parsed as a location, so that a URI is refused by name (shards.py)
     # Built when missing, updated in place (add new ids, drop changed ones) when it exists.
     index: Path | ObjectPath | None = None
@@ -55,7 +55,7 @@ class EmbedConfig:
 
     def __post_init__(self):
         self.catalog = location(self.catalog)
-        self.checkpoint = Path(self.checkpoint)
+        self.checkpoint = location(self.checkpoint)
         self.out = location(self.out)
         self.index = location(self.index) if self.index is not None else None
         if self.batch_size < 1:

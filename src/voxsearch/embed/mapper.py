@@ -11,6 +11,8 @@ from time import perf_counter
 
 import numpy as np
 
+from voxsearch.common.storage import ObjectPath
+
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
@@ -60,7 +62,7 @@ class BulkEncoder:
     reports), turning a row the model fails on into an error row. (Serving encodes requests with
     voxsearch.serve's ImageEncoder deployment.)"""
 
-    def __init__(self, checkpoint: str, with_text: bool, threads: int):
+    def __init__(self, checkpoint: str | ObjectPath, with_text: bool, threads: int):
         import torch
 
         from voxsearch.encoders import open_checkpoint
@@ -136,7 +138,7 @@ class ReadAndEncode(BulkEncoder):
     (`load_row`), then encodes them, all in one process whose torch threads use every core it holds,
     as a plain loop would. Volumes never cross the object store."""
 
-    def __init__(self, checkpoint: str, with_text: bool, threads: int, preprocess: dict):
+    def __init__(self, checkpoint: str | ObjectPath, with_text: bool, threads: int, preprocess: dict):
         super().__init__(checkpoint, with_text, threads)
         self.preprocess = preprocess
         self.threads = max(1, threads)

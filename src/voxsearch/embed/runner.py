@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from voxsearch.common.storage import ObjectPath
 from voxsearch.embed.config import FUSE_BELOW_CPUS, EmbedConfig, EmbedError, EmbedSummary
 from voxsearch.embed.mapper import BulkEncoder, ReadAndEncode, load_row
 from voxsearch.embed.reader import Plan, load_catalog, loader_blocks, plan_rows, rows_per_task
@@ -40,7 +41,7 @@ class ModelInfo:
     dim: int
 
 
-def resolve_model(checkpoint: Path) -> ModelInfo:
+def resolve_model(checkpoint: Path | ObjectPath) -> ModelInfo:
     """Model id and preprocessing of the checkpoint (its contract: see voxsearch.encoders.open_checkpoint)."""
     from voxsearch.encoders import open_checkpoint
     from voxsearch.ingest import PreprocessConfig
@@ -50,6 +51,12 @@ def resolve_model(checkpoint: Path) -> ModelInfo:
         return ModelInfo(opened.model_id, PreprocessConfig.from_dict(opened.preprocess), opened.embed_dim)
     except (OSError, ValueError) as e:
         raise EmbedError(f"cannot use checkpoint {checkpoint}: {e}") from e
+
+
+def _absolute(checkpoint: Path | ObjectPath) -> str | ObjectPath:
+    """The checkpoint as the model actors open it: a local folder by its absolute path (they may start in
+    another working directory), a URI as it is (each fetches its own copy; see open_checkpoint)."""
+    return str(checkpoint.resolve()) if isinstance(checkpoint, Path) else checkpoint
 
 
 def actor_plan(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> dict:
@@ -178,7 +185,7 @@ def _run_pipeline(cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddi
     ray_bars, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         ds = ray.data.from_arrow(blocks)
-        encoder = {"checkpoint": str(cfg.checkpoint.resolve()), "with_text": cfg.with_text, "threads": actors["threads"]}
+        encoder = {"checkpoint": _absolute(cfg.checkpoint), "with_text": cfg.with_text, "threads": actors["threads"]}
         if actors["reads_in_actor"]:
             stage, batch_format = ReadAndEncode, "pyarrow"
             encoder["preprocess"] = model.preprocess.to_dict()
@@ -260,7 +267,7 @@ def run_embedding(cfg: EmbedConfig) -> EmbedSummary:
             model.model_id,
             model.preprocess.id,
             fixed={"vector_dtype": cfg.vector_dtype, "with_text": cfg.with_text},
-            info={"preprocess": model.preprocess.to_dict(), "dim": model.dim, "checkpoint": str(cfg.checkpoint.resolve())},
+            info={"preprocess": model.preprocess.to_dict(), "dim": model.dim, "checkpoint": str(_absolute(cfg.checkpoint))},
         )
         if store.remove_temp_files():
             log.info("removed temp files of an interrupted run in %s", store.root)

@@ -11,6 +11,11 @@ inside the voxsearch package; loading takes the text weights from the installed 
 Directories are written to a temporary sibling and renamed into place, so a reader never sees half a
 checkpoint and a failed save leaves the previous one intact.
 
+Every reader also takes the ``s3://`` or ``gs://`` URI of a checkpoint folder: workers on a cluster need
+not see the driver's files. It is read from a local copy, downloaded once per machine and again when the
+objects change (voxsearch.common.cache); errors name the URI. The copy holds the same bytes, so the
+model id is that of the folder that was uploaded.
+
 Whatever feeds a checkpoint scans (embedding, serving, search, evaluation, the report model's vision init)
 opens it with ``open_checkpoint``: one ``ClipCheckpoint`` holds the model config, the preprocessing
 contract and the model id, read and checked once, so none of them can re-derive the contract differently.
@@ -29,8 +34,10 @@ from pathlib import Path
 
 import torch
 
+from voxsearch.common.cache import local_copy
 from voxsearch.common.durable import replace_dir
 from voxsearch.common.hashing import sha256_file
+from voxsearch.common.storage import ObjectPath, location
 
 from .clip import ClipConfig, ClipModel
 from .inference import is_folded
@@ -83,9 +90,9 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
 def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -> Path:
     """Copy checkpoint ``src`` to ``dest``; with ``packaged_text`` leave out the text tower, which must then
     be the packaged default tower with its weights unchanged (checked tensor by tensor)."""
-    src = Path(src)
-    meta = read_clip_meta(src)
-    model = _build_model(src, meta, _clip_config(src, meta), "cpu")
+    local, name = _local(src)
+    meta = _read_meta(local, name)[0]
+    model = _build_model(local, meta, _clip_config(local, meta, name), "cpu", name)
     extra = meta.get("extra")
     if packaged_text:
         from .text import TextTower, TextTowerConfig
@@ -94,22 +101,30 @@ def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -
                                               max_length=model.config.text.max_length)).state_dict()
         mine = model.text.state_dict()
         if set(reference) != set(mine) or any(not torch.equal(reference[k], mine[k]) for k in reference):
-            raise ValueError(f"{src}: its text tower is not the packaged one unchanged (trained or another model); "
+            raise ValueError(f"{name}: its text tower is not the packaged one unchanged (trained or another model); "
                              "export it with its text weights")
     return save_clip(model, dest, extra=extra, packaged_text=packaged_text)
 
 
+def _local(directory: str | Path | ObjectPath) -> tuple[Path, str]:
+    """The folder to read and the name errors give it: a URI's local copy, named by the URI."""
+    where = location(directory)
+    if isinstance(where, ObjectPath):
+        return local_copy(where, "checkpoints"), where.uri
+    return where, str(where)
+
+
 def read_clip_meta(directory: str | Path) -> dict:
     """The checkpoint's config.json (format, version, clip_config, extra); checks format and version."""
-    return _read_meta(Path(directory))[0]
+    return _read_meta(*_local(directory))[0]
 
 
-def _read_meta(directory: Path) -> tuple[dict, bytes]:
+def _read_meta(directory: Path, name: str) -> tuple[dict, bytes]:
     """config.json parsed and checked, with its bytes (part of the model id)."""
-    path = directory / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a voxsearch CLIP checkpoint (no {CONFIG})")
-    raw = path.read_bytes()
+    path = f"{name}/{CONFIG}"
+    if not (directory / CONFIG).is_file():
+        raise FileNotFoundError(f"{name} is not a voxsearch CLIP checkpoint (no {CONFIG})")
+    raw = (directory / CONFIG).read_bytes()
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -123,7 +138,7 @@ def _read_meta(directory: Path) -> tuple[dict, bytes]:
     return meta, raw
 
 
-def _clip_config(directory: Path, meta: dict) -> ClipConfig:
+def _clip_config(directory: Path, meta: dict, name: str) -> ClipConfig:
     """The model config of a checkpoint, its text tower path made absolute (the directory carries it)."""
     try:
         cfg = dict(meta["clip_config"])
@@ -131,10 +146,10 @@ def _clip_config(directory: Path, meta: dict) -> ClipConfig:
             cfg["text"] = dict(cfg["text"], path=str(directory / cfg["text"]["path"]))
         return ClipConfig.from_dict(cfg)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{directory / CONFIG}: unusable clip_config ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{name}/{CONFIG}: unusable clip_config ({type(exc).__name__}: {exc})") from exc
 
 
-def _build_model(directory: Path, meta: dict, config: ClipConfig, device: str | torch.device) -> ClipModel:
+def _build_model(directory: Path, meta: dict, config: ClipConfig, device: str | torch.device, name: str) -> ClipModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -143,9 +158,9 @@ def _build_model(directory: Path, meta: dict, config: ClipConfig, device: str | 
     try:
         state = load_file(str(directory / WEIGHTS))
     except (OSError, SafetensorError) as exc:
-        raise ValueError(f"cannot read weights {directory / WEIGHTS}: {exc}") from exc
+        raise ValueError(f"cannot read weights {name}/{WEIGHTS}: {exc}") from exc
     expected = {k: v.shape for k, v in model.state_dict().items() if not (packaged_text and k.startswith("text."))}
-    check_layout(str(directory / WEIGHTS), state, expected)
+    check_layout(f"{name}/{WEIGHTS}", state, expected)
     model.load_state_dict(state, strict=not packaged_text)
     return model.to(device).eval()
 
@@ -155,9 +170,9 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> Clip
 
     The model alone, for training, which brings its own preprocessing; whatever feeds the model scans by
     the checkpoint's own contract opens it with ``open_checkpoint``."""
-    directory = Path(directory)
-    meta = read_clip_meta(directory)
-    return _build_model(directory, meta, _clip_config(directory, meta), device)
+    local, name = _local(directory)
+    meta = _read_meta(local, name)[0]
+    return _build_model(local, meta, _clip_config(local, meta, name), device, name)
 
 
 class FindingHead:
@@ -194,7 +209,7 @@ class FindingHead:
         return out
 
 
-def _preprocess_contract(directory: Path, meta: dict, image_size: tuple[int, ...]) -> dict:
+def _preprocess_contract(name: str, meta: dict, image_size: tuple[int, ...]) -> dict:
     """The preprocessing the model was trained with (``extra["preprocess"]``, a dict that
     ``voxsearch.ingest.PreprocessConfig.from_dict`` reads), else the defaults at the model's image size.
 
@@ -204,17 +219,17 @@ def _preprocess_contract(directory: Path, meta: dict, image_size: tuple[int, ...
     if not stored:
         return {"spatial_size": list(image_size)}
     if not isinstance(stored, dict):
-        raise ValueError(f"{directory / CONFIG}: extra.preprocess is not a mapping")
+        raise ValueError(f"{name}/{CONFIG}: extra.preprocess is not a mapping")
     if not stored.get("spatial_size"):
         # Without a size the contract means the model's own, not whatever default the preprocessing has.
         return {**copy.deepcopy(stored), "spatial_size": list(image_size)}
     try:
         size = tuple(int(s) for s in stored["spatial_size"])
     except (TypeError, ValueError):
-        raise ValueError(f"{directory / CONFIG}: extra.preprocess.spatial_size {stored['spatial_size']!r} "
+        raise ValueError(f"{name}/{CONFIG}: extra.preprocess.spatial_size {stored['spatial_size']!r} "
                          "is not a list of integers") from None
     if size != tuple(image_size):
-        raise ValueError(f"checkpoint {directory}: preprocess spatial_size {size} differs from the model's "
+        raise ValueError(f"checkpoint {name}: preprocess spatial_size {size} differs from the model's "
                          f"image_size {tuple(image_size)}")
     return copy.deepcopy(stored)
 
@@ -225,7 +240,8 @@ class ClipCheckpoint:
     and checked once. The weights are read only by ``load_model``: the search front end and the embed
     driver need the contract, not the model."""
 
-    path: Path
+    path: Path  # the folder read: for a checkpoint in object storage, its local copy
+    source: str  # the folder or URI it was opened by, for messages
     config: ClipConfig
     preprocess: dict  # PreprocessConfig-compatible: build the ingest config from it, leave it unchanged
     meta: dict = field(repr=False)  # config.json as stored
@@ -248,7 +264,7 @@ class ClipCheckpoint:
     def load_model(self, device: str | torch.device = "cpu", inference: bool = False) -> ClipModel:
         """The ``ClipModel`` in eval mode; ``inference``: BatchNorms folded too (``prepare_for_inference``),
         for embedding and serving (such a model cannot be saved or trained)."""
-        model = _build_model(self.path, self.meta, self.config, device)
+        model = _build_model(self.path, self.meta, self.config, device, self.source)
         return model.prepare_for_inference() if inference else model
 
     def finding_head(self) -> FindingHead | None:
@@ -257,19 +273,20 @@ class ClipCheckpoint:
 
 
 def open_checkpoint(directory: str | Path) -> ClipCheckpoint:
-    """Read and check a checkpoint directory (format, model config, preprocessing contract); ValueError or
-    FileNotFoundError naming the directory when it cannot be used."""
-    directory = Path(directory)
-    meta, raw = _read_meta(directory)
-    config = _clip_config(directory, meta)
-    preprocess = _preprocess_contract(directory, meta, config.image_size)
-    return ClipCheckpoint(directory, config, preprocess, meta, raw)
+    """Read and check a checkpoint directory or s3:// / gs:// URI (format, model config, preprocessing
+    contract); ValueError or FileNotFoundError naming it when it cannot be used, OSError naming the URI
+    when it cannot be fetched."""
+    local, name = _local(directory)
+    meta, raw = _read_meta(local, name)
+    config = _clip_config(local, meta, name)
+    preprocess = _preprocess_contract(name, meta, config.image_size)
+    return ClipCheckpoint(local, name, config, preprocess, meta, raw)
 
 
 def read_finding_head(directory: str | Path) -> FindingHead | None:
     """The checkpoint's finding head, or None when it was trained without finding labels."""
-    directory = Path(directory)
-    return _finding_head(directory, read_clip_meta(directory))
+    local, name = _local(directory)
+    return _finding_head(local, _read_meta(local, name)[0])
 
 
 def _finding_head(directory: Path, meta: dict) -> FindingHead | None:
@@ -286,8 +303,8 @@ def _finding_head(directory: Path, meta: dict) -> FindingHead | None:
 
 def model_id(directory: str | Path) -> str:
     """Short stable id of a checkpoint: hash of its config.json and its weights file's digest."""
-    directory = Path(directory)
-    return _model_id(directory, _read_meta(directory)[1])
+    local, name = _local(directory)
+    return _model_id(local, _read_meta(local, name)[1])
 
 
 def _model_id(directory: Path, meta_bytes: bytes) -> str:

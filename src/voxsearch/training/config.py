@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voxsearch.common.storage import ObjectPath, location
 from voxsearch.encoders import ClipConfig, TextTowerConfig
 from voxsearch.ingest import PreprocessConfig
 
@@ -33,8 +34,9 @@ class ClipTrainConfig:
     grad_clip: float = 1.0
     freeze_text: bool = False  # freezes the text backbone only; its projection always trains
     # None: from scratch (vision random, text tower pretrained); a directory: a project checkpoint
-    # (load_clip); a file: a published Med3DVLM DCFormer_SigLIP checkpoint (needs init_text_dir).
-    init: Path | None = None
+    # (load_clip), also as an s3:// or gs:// URI; a file: a published Med3DVLM DCFormer_SigLIP checkpoint
+    # (needs init_text_dir).
+    init: Path | ObjectPath | None = None
     init_text_dir: Path | None = None
     seed: int = 0
     augment: bool = True
@@ -65,7 +67,7 @@ class ClipTrainConfig:
         self.catalog = Path(self.catalog)
         self.out = Path(self.out)
         if self.init is not None:
-            self.init = Path(self.init)
+            self.init = location(self.init)
         if self.init_text_dir is not None:
             self.init_text_dir = Path(self.init_text_dir)
         for name in ("workers", "epochs", "batch_size", "grad_accum", "eval_every"):
