@@ -439,11 +439,16 @@ def test_checkpoint_uri_errors_name_the_uri(bucket, clip_folder, downloads):
     assert "s3://no-such-bucket-here" in str(failed.value) and "testing-secret" not in str(failed.value)
 
 
-def test_embed_and_serve_keep_a_checkpoint_uri(bucket, clip_folder, tmp_path):
+def test_embed_serve_and_training_keep_a_checkpoint_uri(bucket, clip_folder, downloads, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
     from voxsearch.embed.config import EmbedConfig
     from voxsearch.embed.runner import _absolute
     from voxsearch.serve.app import _absolute as serve_absolute
     from voxsearch.serve.config import ServeConfig, ServeConfigError
+    from voxsearch.training.config import ClipTrainConfig
+    from voxsearch.training.loop import build_model
 
     uri = f"{bucket}/ckpt"
     _upload_folder(clip_folder, uri)
@@ -454,3 +459,6 @@ def test_embed_and_serve_keep_a_checkpoint_uri(bucket, clip_folder, tmp_path):
     ServeConfig(index=str(tmp_path / "index"), checkpoint=uri, catalog=str(tmp_path)).validate()
     with pytest.raises(ServeConfigError, match=f"checkpoint path {bucket}/missing does not exist"):
         ServeConfig(index=str(tmp_path / "index"), checkpoint=f"{bucket}/missing", catalog=str(tmp_path)).validate()
+    init = build_model(ClipTrainConfig(catalog=tmp_path, out=tmp_path / "run", init=uri)).state_dict()
+    saved = load_file(str(clip_folder / "model.safetensors"))
+    torch.testing.assert_close(init["vision_proj.weight"], saved["vision_proj.weight"], rtol=0, atol=0)

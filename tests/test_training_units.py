@@ -137,3 +137,12 @@ def test_eval_group_has_retrieval_and_refuses_missing_checkpoint(tmp_path, capsy
 
     rc = main(["eval", "retrieval", "--checkpoint", str(tmp_path / "nope"), "--catalog", str(tmp_path)])
     assert rc == 1
+
+
+def test_relative_init_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    from voxsearch.training.config import ClipTrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ClipTrainConfig(catalog="cat", out="out", init="ckpt/clip", init_text_dir="bert")
+    assert cfg.init == tmp_path / "ckpt" / "clip" and cfg.init_text_dir == tmp_path / "bert"
+    assert str(ClipTrainConfig(catalog="cat", out="out", init="s3://models/clip").init) == "s3://models/clip"

@@ -26,7 +26,8 @@ def register(sub):
     )
     p.add_argument("text", nargs="?", help="free-text query")
     p.add_argument("--index", required=True, help="vector index folder")
-    p.add_argument("--checkpoint", help="CLIP checkpoint the index was embedded with (for text and --scan)")
+    p.add_argument("--checkpoint", help="CLIP checkpoint (folder or s3:// / gs:// URI) the index was embedded with "
+                   "(for text and --scan)")
     p.add_argument("--like", metavar="SERIES_ID", help="find series similar to this indexed series")
     p.add_argument("--scan", metavar="PATH", help="find series similar to this NIfTI file / DICOM folder or zip")
     p.add_argument("--modality", help="modality of --scan when the file does not say (CT or MR)")

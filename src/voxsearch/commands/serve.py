@@ -18,7 +18,7 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--index", help="index directory (written by `voxsearch index`)")
-    p.add_argument("--checkpoint", help="CLIP checkpoint directory (written by training)")
+    p.add_argument("--checkpoint", help="CLIP checkpoint directory (written by training), or its s3:// / gs:// URI")
     p.add_argument("--catalog", help="catalog directory (written by `voxsearch ingest`)")
     p.add_argument("--config", help="serve config file (.json, .yaml); see the README for its keys")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; other addresses require API keys)")

@@ -35,7 +35,7 @@ def register(sub):
     p.add_argument("source", help="a folder or a DICOMweb base URL")
     p.add_argument("--catalog", required=True, type=Path)
     p.add_argument("--index", required=True, type=Path)
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--checkpoint", required=True, help="CLIP checkpoint folder, or its s3:// / gs:// URI")
     p.add_argument("--embeddings", type=Path, help="embedding folder (default: <index>-embeddings)")
     p.add_argument("--mirror", type=Path, help="de-identified local copy of PACS series (default: <catalog>-mirror)")
     p.add_argument("--auth-file", type=Path, help='JSON: {"token": ...} or {"username": ..., "password": ...}')

@@ -45,7 +45,7 @@ def local_copy(prefix: ObjectPath, kind: str) -> Path:
     if not listing:
         raise FileNotFoundError(f"{prefix.uri}: no objects under it")
     names = [_relative(prefix, obj) for obj, _, _ in listing]
-    # The URI without its query string: the cache's folder names must not depend on (or show) keys.
+    # Named by the URI without its query string, which may hold keys: new keys must not mean a new copy.
     folder = cache_root() / kind / _digest(prefix.uri) / _digest(
         [[name, size, mtime] for name, (_, size, mtime) in zip(names, listing)])
     if folder.is_dir():

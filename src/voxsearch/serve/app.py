@@ -42,6 +42,8 @@ def build_app(config: ServeConfig):
         checkpoint=_absolute(config.checkpoint),
         catalog=_absolute(config.catalog),
         report_model=_absolute(config.report_model) if config.report_model else None,
+        data_dir=_absolute(config.data_dir) if config.data_dir else None,
+        upload_dir=_absolute(config.upload_dir) if config.upload_dir else None,
     )
 
     def options(deployment, same_thread: bool = True) -> dict:

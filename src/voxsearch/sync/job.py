@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from voxsearch.common.runtime import RayConfig
+from voxsearch.common.storage import ObjectPath, location
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class SyncConfig:
     source: str  # a folder or a DICOMweb base URL
     catalog: Path
     index: Path
-    checkpoint: Path
+    checkpoint: Path | ObjectPath  # s3:// and gs:// too (EmbedConfig.checkpoint)
     embeddings: Path | None = None  # default: beside the index, "<index>-embeddings"
     mirror: Path | None = None  # PACS sources: default "<catalog>-mirror"
     auth_file: Path | None = None  # DICOMweb credentials (else the environment)
@@ -47,7 +48,7 @@ class SyncConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
-        self.catalog, self.index, self.checkpoint = Path(self.catalog), Path(self.index), Path(self.checkpoint)
+        self.catalog, self.index, self.checkpoint = Path(self.catalog), Path(self.index), location(self.checkpoint)
         self.embeddings = Path(self.embeddings) if self.embeddings else self.index.with_name(self.index.name + "-embeddings")
         if self.mirror is None:
             from voxsearch.ingest.dicomweb import default_mirror_dir

@@ -66,10 +66,13 @@ class ClipTrainConfig:
     def __post_init__(self) -> None:
         self.catalog = Path(self.catalog)
         self.out = Path(self.out)
+        # Absolute here, on the driver: the training workers open them from their own working folders.
         if self.init is not None:
             self.init = location(self.init)
+            if isinstance(self.init, Path):
+                self.init = self.init.resolve()
         if self.init_text_dir is not None:
-            self.init_text_dir = Path(self.init_text_dir)
+            self.init_text_dir = Path(self.init_text_dir).resolve()
         for name in ("workers", "epochs", "batch_size", "grad_accum", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClipTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
