@@ -39,6 +39,10 @@ def sha256_file(path: Path) -> str:
     return sha256_files([path])
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def content_sha256(array: np.ndarray, spacing) -> str:
     """sha256 of a volume as the readers give it: the (X, Y, Z) RAS voxels as float32, then the spacing
     rounded to 0.1 µm (DICOM and NIfTI headers state one spacing with different float noise)."""

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from voxsearch.common.hashing import sha256_file
+from voxsearch.common.hashing import sha256_bytes, sha256_file
 from voxsearch.common.storage import ObjectPath
 from voxsearch.index import versions
 from voxsearch.index.errors import IndexConflictError, IndexCorruptError, IndexFormatError
@@ -84,7 +84,7 @@ def write_version(prefix: ObjectPath, writers: dict[str, Callable[[Path], None]]
         found = current_version(prefix)
         if expected is not versions.ANY_VERSION and found != expected:
             raise IndexConflictError(prefix, expected, found)
-        (prefix / versions.CURRENT).write_text(f"{name} {versions.sha256_bytes(body)}\n")
+        (prefix / versions.CURRENT).write_text(f"{name} {sha256_bytes(body)}\n")
     except BaseException:
         folder.delete_tree()  # best effort; what a killed writer leaves, _prune of a later save removes
         raise
@@ -116,7 +116,7 @@ def open_version(prefix: ObjectPath, verify: bool = True) -> Iterator[tuple[Path
         body = manifest_obj.read_bytes()
     except FileNotFoundError:
         raise IndexCorruptError(f"index {prefix}: {manifest_obj} is missing") from None
-    if versions.sha256_bytes(body) != manifest_sha:
+    if sha256_bytes(body) != manifest_sha:
         raise IndexCorruptError(f"index {prefix}: {manifest_obj} does not match its checksum in {versions.CURRENT}")
     manifest = versions.parse_manifest(prefix, body)
     with tempfile.TemporaryDirectory(prefix="voxsearch-index-") as tmp:

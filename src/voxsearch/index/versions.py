@@ -19,7 +19,6 @@ keeps the same layout there, without rename or locks.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -218,10 +217,6 @@ def _prune(directory: Path, keep: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def parse_manifest(directory, body: bytes) -> dict:

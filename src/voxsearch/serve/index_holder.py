@@ -50,6 +50,11 @@ def check_index_model(directory: str | Path, index, model_id: str | None) -> Non
         )
 
 
+def _hit(hit) -> dict[str, Any]:
+    """An index hit as plain values, for the ingress (and for Serve to pickle)."""
+    return {"id": hit.id, "score": float(hit.score), "metadata": dict(hit.metadata or {})}
+
+
 class IndexHolder:
     def __init__(self, directory: str | Path, model_id: str | None = None):
         """``model_id``: the served checkpoint's; a version recorded as another model's is refused."""
@@ -95,7 +100,7 @@ class IndexHolder:
     def search(self, vectors: np.ndarray, k: int, filters: dict | None) -> list[list[dict[str, Any]]]:
         index = self.index  # one read of the reference: a concurrent swap cannot mix two versions
         hits = index.search(np.asarray(vectors, dtype=np.float32), k=k, filters=filters or None)
-        return [[{"id": h.id, "score": float(h.score), "metadata": dict(h.metadata or {})} for h in row] for row in hits]
+        return [[_hit(h) for h in row] for row in hits]
 
     def query(self, vector: np.ndarray | None, k: int, filters: dict | None, *, from_id: str | None = None,
               exclude: str | None = None, with_vectors: bool = False) -> dict[str, Any]:
@@ -119,7 +124,7 @@ class IndexHolder:
             vectors = self._stored(index, [h.id for h in hits])
         return {
             "found": True, "version": version, "vectors": vectors,
-            "hits": [{"id": h.id, "score": float(h.score), "metadata": dict(h.metadata or {})} for h in hits],
+            "hits": [_hit(h) for h in hits],
         }
 
     def info(self) -> dict[str, Any]:
