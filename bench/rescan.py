@@ -64,6 +64,38 @@ def top1_same_patient(vectors: np.ndarray, patients: np.ndarray) -> float:
     return float((patients[sims.argmax(axis=1)] == patients).mean())
 
 
+def measure(checkpoint: Path | None = None, patients: int = 32, seed: int = 1234, size: str = "small",
+            max_degrees: float = 4.0, max_shift: float = 3.0) -> dict:
+    """Top-1 same-patient rate of a CLIP checkpoint (default: the packaged model) beside its baselines."""
+    import torch
+
+    from voxsearch.encoders import load_clip, packaged_checkpoint, read_clip_meta
+    from voxsearch.ingest import PreprocessConfig, preprocess_volume
+    from voxsearch.ingest.volume import HU, RAW, Volume
+
+    model_dir = checkpoint or packaged_checkpoint()
+    pp = PreprocessConfig.from_dict(read_clip_meta(model_dir)["extra"]["preprocess"])
+    model = load_clip(model_dir).prepare_for_inference()
+    scans = make_pairs(patients, seed, size, max_degrees, max_shift)
+    inputs = []
+    for _, modality, affine, array, _ in scans:
+        volume = Volume(array=array, affine=affine, spacing=tuple(np.abs(np.diag(affine)[:3])), modality=modality,
+                        units=HU if modality == "CT" else RAW)
+        inputs.append(preprocess_volume(volume, pp))
+    inputs = np.stack(inputs)
+    with model.inference():
+        vectors = np.concatenate([model.encode_image(torch.from_numpy(inputs[s:s + 16])).float().numpy()
+                                  for s in range(0, len(inputs), 16)])
+    ids = np.array([s[0] for s in scans])
+    model_top1 = top1_same_patient(vectors, ids)
+    raw_top1 = top1_same_patient(inputs.reshape(len(inputs), -1).astype(np.float64), ids)
+    return {"patients": patients, "scans": len(scans), "seed": seed, "size": size,
+            "max_degrees": max_degrees, "max_shift_voxels": max_shift,
+            "checkpoint": str(checkpoint) if checkpoint else f"packaged:{model_dir.name}",
+            "top1_same_patient": {"model": model_top1, "raw_voxels": raw_top1, "chance": 1.0 / (len(scans) - 1)},
+            "ratio_model_vs_raw": model_top1 / raw_top1 if raw_top1 else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="CLIP checkpoint directory (default: the packaged model)")
@@ -76,41 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import torch
-
-    from voxsearch.encoders import load_clip, packaged_checkpoint, read_clip_meta
-    from voxsearch.ingest import PreprocessConfig, preprocess_volume
-    from voxsearch.ingest.volume import HU, RAW, Volume
-
-    checkpoint = args.checkpoint or packaged_checkpoint()
-    pp = PreprocessConfig.from_dict(read_clip_meta(checkpoint)["extra"]["preprocess"])
-    model = load_clip(checkpoint).prepare_for_inference()
-    scans = make_pairs(args.patients, args.seed, args.size, args.max_degrees, args.max_shift)
-    inputs = []
-    for _, modality, affine, array, _ in scans:
-        volume = Volume(array=array, affine=affine, spacing=tuple(np.abs(np.diag(affine)[:3])), modality=modality,
-                        units=HU if modality == "CT" else RAW)
-        inputs.append(preprocess_volume(volume, pp))
-    inputs = np.stack(inputs)
-    with model.inference():
-        vectors = np.concatenate([model.encode_image(torch.from_numpy(inputs[s:s + 16])).float().numpy()
-                                  for s in range(0, len(inputs), 16)])
-    patients = np.array([s[0] for s in scans])
-    model_top1 = top1_same_patient(vectors, patients)
-    raw_top1 = top1_same_patient(inputs.reshape(len(inputs), -1).astype(np.float64), patients)
-    chance = 1.0 / (len(scans) - 1)
-    result = {"patients": args.patients, "scans": len(scans), "seed": args.seed, "size": args.size,
-              "max_degrees": args.max_degrees, "max_shift_voxels": args.max_shift,
-              "checkpoint": str(args.checkpoint) if args.checkpoint else f"packaged:{checkpoint.name}",
-              "top1_same_patient": {"model": model_top1, "raw_voxels": raw_top1, "chance": chance},
-              "ratio_model_vs_raw": model_top1 / raw_top1 if raw_top1 else None}
+    result = measure(args.checkpoint, args.patients, args.seed, args.size, args.max_degrees, args.max_shift)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    top = result["top1_same_patient"]
     print(f"\nrescan: {args.patients} patients x 2 scans (motion <= {args.max_degrees} deg, {args.max_shift} voxels; "
           f"new noise; gain 0.97-1.03)")
     print(f"{'retriever':<14} {'top-1 same patient':>18}")
-    for name, value in (("model", model_top1), ("raw voxels", raw_top1), ("chance", chance)):
-        print(f"{name:<14} {value:18.3f}")
+    for name in ("model", "raw_voxels", "chance"):
+        print(f"{name.replace('_', ' '):<14} {top[name]:18.3f}")
     print(f"JSON: {args.out}")
     return 0
 

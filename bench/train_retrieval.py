@@ -6,7 +6,8 @@ chance, the untrained model (same architecture and seed), and an oracle ladder o
 only the body part; + normal/abnormal; + which organ carries a finding; + the finding set, each ranking
 at random inside what it knows. Also: collapse (mean cosine between image embeddings of different
 studies of one body part), similar-case search by scan (does the nearest other study show the same
-findings?), one run per --finding-weights value (0 = the finding loss off), and training throughput
+findings?), the rescan probe (bench/rescan.py), one run per --runs pair of loss weights (finding:view,
+0 = that loss off), and training throughput
 (samples/s per worker) at 1 and 2 workers.
 
     python bench/train_retrieval.py --quick      # minutes: a few hundred studies
@@ -34,11 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_retrieval.json"
+# (finding loss weight, view loss weight) per run; the first is the headline.
+DEFAULT_RUNS = [(10.0, 1.0), (10.0, 0.0), (0.0, 1.0)]
 MODES = {
     # studies, synth size, epochs, throughput-probe studies, (train, validation, test) patient shares.
     # Full: a fifth of the patients held out so that the test split reaches the protocol's N=500.
     "quick": dict(n=360, size="small", epochs=10, probe_studies=64, shares=(0.8, 0.1, 0.1)),
-    "full": dict(n=3000, size="small", epochs=60, probe_studies=256, shares=(0.7, 0.1, 0.2)),
+    "full": dict(n=3000, size="small", epochs=40, probe_studies=256, shares=(0.7, 0.1, 0.2)),
 }
 
 
@@ -170,21 +173,42 @@ def embedding_stats(model_dir: Path, catalog: Path, rows: list[dict], workers: i
             "body_part_oracle_same_findings_first_abnormal": float(base[abnormal].mean())}
 
 
-def train_one(catalog: Path, work: Path, weight: float, spec: dict, seed: int, reuse: Path | None) -> dict:
+def parse_run(text: str) -> tuple[float, float]:
+    """'F:V' -> (finding loss weight, view loss weight)."""
+    try:
+        finding, view = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a run is FINDING_WEIGHT:VIEW_WEIGHT, e.g. 10:1; got {text!r}") from None
+    return finding, view
+
+
+def run_name(weights: tuple[float, float]) -> str:
+    return f"finding {weights[0]:g}, view {weights[1]:g}"
+
+
+def train_one(catalog: Path, work: Path, weights: tuple[float, float], spec: dict, seed: int,
+              reuse: Path | None) -> dict:
     from voxsearch.training import preset, train_clip
 
-    out = reuse or work / f"run-w{weight:g}-{os.getpid()}"
+    out = reuse or work / f"run-f{weights[0]:g}-v{weights[1]:g}-{os.getpid()}"
     cfg = preset("quick", catalog, out, epochs=spec["epochs"], seed=seed, eval_ns=(100, 500),
-                 finding_loss_weight=weight, eval_every=max(1, spec["epochs"] // 6))
+                 finding_loss_weight=weights[0], view_loss_weight=weights[1],
+                 eval_every=max(1, spec["epochs"] // 6))
     t0 = time.perf_counter()
     if reuse is not None:
+        from voxsearch.training import evaluate_retrieval
+        from voxsearch.training.evaluate import headline
+
         metrics = json.loads((reuse / "metrics.json").read_text())
         seconds = None
+        # Scored as the checkpoint is now (it may have been calibrated after its run), on this catalog.
+        final = headline(evaluate_retrieval(out / "model", catalog, "test", ns=(100, 500)))
     else:
         metrics = train_clip(cfg).metrics
         seconds = time.perf_counter() - t0
+        final = metrics["final"]["headline"]
     epochs = [h for h in metrics["history"] if h["kind"] == "epoch"]
-    return {"cfg": cfg, "model_dir": out / "model", "metrics": metrics, "final": metrics["final"]["headline"],
+    return {"cfg": cfg, "model_dir": out / "model", "metrics": metrics, "final": final,
             "train_seconds": seconds, "samples_per_s": epochs[-1]["samples_per_s_per_worker"] if epochs else None,
             "steps": metrics["optimizer_steps"]}
 
@@ -195,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="override the number of synthetic studies")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--finding-weights", type=float, nargs="+", default=[10.0, 0.0],
-                        help="one training run per weight of the finding loss (0: off); the first is the headline")
-    parser.add_argument("--reuse-runs", type=Path, nargs="*", default=[],
-                        help="finished `voxsearch train clip` run folders to score instead of training, one per weight")
+    parser.add_argument("--runs", type=parse_run, nargs="+", default=DEFAULT_RUNS, metavar="F:V",
+                        help="one training run per pair of loss weights, finding:view (0: that loss off); "
+                             "the first is the headline (default: %(default)s)")
+    parser.add_argument("--reuse-runs", nargs="*", default=[],
+                        help="finished `voxsearch train clip` run folders to score instead of training, one per "
+                             "--runs entry in order; '-' trains that one")
+    parser.add_argument("--rescan-patients", type=int, default=32, help="patients of the rescan probe per run")
     parser.add_argument("--no-throughput", action="store_true", help="skip the 1- vs 2-worker throughput probe")
     parser.add_argument("--work", type=Path, help="keep archive/catalog/runs here (default: a temp dir)")
     parser.add_argument("--catalog", type=Path, help="reuse this ingested synthetic catalog (skips synth+ingest)")
@@ -228,13 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     t_ingest = time.perf_counter() - t0
     test_rows = split_rows(load_catalog(catalog), "test", limit=500).to_pylist()
 
+    import rescan
+
     runs = {}
-    for i, weight in enumerate(args.finding_weights):
-        reuse = args.reuse_runs[i] if i < len(args.reuse_runs) else None
-        run = train_one(catalog, work, weight, spec, args.seed, reuse)
+    for i, weights in enumerate(args.runs):
+        reuse = Path(args.reuse_runs[i]) if i < len(args.reuse_runs) and args.reuse_runs[i] != "-" else None
+        run = train_one(catalog, work, weights, spec, args.seed, reuse)
         run["stats"] = embedding_stats(run["model_dir"], catalog, test_rows, 2)
-        runs[weight] = run
-    head = runs[args.finding_weights[0]]
+        probe = rescan.measure(run["model_dir"], patients=args.rescan_patients)
+        run["stats"]["rescan_top1_same_patient"] = probe["top1_same_patient"]["model"]
+        run["stats"]["rescan_raw_voxels"] = probe["top1_same_patient"]["raw_voxels"]
+        runs[weights] = run
+    head = runs[args.runs[0]]
     cfg, final = head["cfg"], head["final"]
     baseline = untrained_baseline(cfg, catalog)
     ladder = oracle_ladder(test_rows)
@@ -250,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": list(cfg.preprocess.spatial_size),
         "vision_variant": cfg.model.vision_variant,
         "input_filter": cfg.model.input_filter,
-        "runs": {f"{w:g}": {"finding_loss_weight": w, "optimizer_steps": r["steps"], "train_seconds": r["train_seconds"],
-                            "samples_per_s_per_worker": r["samples_per_s"], "trained": r["final"], **r["stats"]}
+        "runs": {run_name(w): {"finding_loss_weight": w[0], "view_loss_weight": w[1], "optimizer_steps": r["steps"],
+                               "train_seconds": r["train_seconds"], "samples_per_s_per_worker": r["samples_per_s"],
+                               "trained": r["final"], **r["stats"]}
                  for w, r in runs.items()},
         "trained": final,
         "untrained_baseline": baseline,
@@ -281,13 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'untrained model':<34} {baseline['t2i_R@1']:8.3f} {baseline['t2i_R@10']:9.3f} {baseline.get('P@10', float('nan')):7.3f}")
     for w, r in runs.items():
         f = r["final"]
-        label = f"model, finding loss {'off' if w == 0 else f'weight {w:g}'}"
+        label = f"model, {run_name(w)}"
         print(f"{label:<34} {f['t2i_R@1']:8.3f} {f['t2i_R@10']:9.3f} {f.get('P@10', float('nan')):7.3f}"
               f"   (P@10 by text embedding alone {f.get('P@10_text_only', float('nan')):.3f}; {r['steps']} steps)")
-    print(f"\n{'embedding':<34} " + " ".join(f"{('w=' + format(w, 'g')):>9}" for w in runs))
+    print(f"\n{'embedding (runs: finding:view)':<34} " + " ".join(f"{format(w[0], 'g') + ':' + format(w[1], 'g'):>9}"
+                                                           for w in runs))
     for key, label in (("mean_cos_same_body", "mean cos, same body part"), ("mean_cos_other_body", "mean cos, other body part"),
                        ("scan_search_same_findings_first", "scan search: same findings first"),
-                       ("scan_search_same_findings_first_abnormal", "  ... abnormal queries")):
+                       ("scan_search_same_findings_first_abnormal", "  ... abnormal queries"),
+                       ("rescan_top1_same_patient", "rescan: same patient first"),
+                       ("rescan_raw_voxels", "  raw-voxel baseline")):
         print(f"{label:<34} " + " ".join(f"{r['stats'][key]:9.3f}" for r in runs.values()))
     any_stats = next(iter(runs.values()))["stats"]
     print(f"{'  body-part oracle, all / abnormal':<34} {any_stats['body_part_oracle_same_findings_first']:9.3f} "

@@ -71,6 +71,9 @@ def test_api_keys_required_off_loopback(tmp_path, monkeypatch):
         ServeConfig(**base, host="0.0.0.0", api_keys=["short"]).validate()
     with pytest.raises(ServeConfigError, match="checkpoint path"):
         ServeConfig(**{**base, "checkpoint": str(tmp_path / "nope")}).validate()
+    ServeConfig(**base, finding_query_weight=0.0).validate()  # text embedding alone
+    with pytest.raises(ServeConfigError, match="finding_query_weight"):
+        ServeConfig(**base, finding_query_weight=-2.0).validate()
 
 
 def test_key_checker_headers_and_public_paths():

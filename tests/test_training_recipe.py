@@ -152,3 +152,41 @@ def test_finding_head_applies_each_labels_threshold():
     assert head.describe(vector)[0]["finding"] == "nodule in the lung"
     uncalibrated = FindingHead(head.labels, head.weight, head.bias).describe(vector)
     assert {f["label"] for f in uncalibrated} == {"cyst|liver", "nodule|lung"}  # 0.5 without calibration
+
+
+def test_query_finding_weight_is_chosen_on_held_out_studies_and_saved_with_the_checkpoint(tmp_path):
+    import torch
+
+    from voxsearch.encoders import ClipConfig, ClipModel, load_clip, save_clip
+    from voxsearch.training.evaluate import query_finding_weight
+
+    torch.manual_seed(0)
+    model = ClipModel(ClipConfig(vision_variant="nano", embed_dim=16, finding_labels=("cyst|liver", "nodule|lung")))
+    rng = np.random.default_rng(0)
+    n = 80
+    kind = np.arange(n) % 4  # 0: liver cyst, 1: lung nodule, else normal
+    img = rng.normal(size=(n, 16)) * 0.3
+    img[kind == 0, 0] += 2.0
+    img[kind == 1, 1] += 2.0
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    with torch.no_grad():  # a head that reads each finding off its own axis; the untrained text tower cannot
+        model.finding_head.weight.zero_()
+        model.finding_head.weight[0, 0] = model.finding_head.weight[1, 1] = 5.0
+        model.finding_head.bias.zero_()
+    labels = {0: [{"type": "cyst", "organ": "liver"}], 1: [{"type": "nodule", "organ": "lung", "side": "left"}]}
+    emb = {"img": img.astype(np.float32), "findings": np.array([json.dumps(labels.get(k, [])) for k in kind], dtype=object)}
+    best, scores = query_finding_weight(model, emb, candidates=(0.0, 1.0, 5.0, 50.0, 100.0))
+    assert scores["0"] < 0.5 and scores[f"{best:g}"] == 1.0
+    assert best == min(float(w) for w, p in scores.items() if p == 1.0)  # the smallest of equals
+    # encode_query leans on the head by the checkpoint's weight unless told otherwise, and keeps it on disk.
+    model.config.query_finding_weight = best
+    model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model.encode_query(["liver cyst"]), model.encode_query(["liver cyst"], best))
+        assert not torch.allclose(model.encode_query(["liver cyst"]), model.encode_query(["liver cyst"], 0.0))
+    save_clip(model, tmp_path / "ckpt")
+    assert load_clip(tmp_path / "ckpt").config.query_finding_weight == best
+    # Without a head there is nothing to choose.
+    assert query_finding_weight(ClipModel(ClipConfig(vision_variant="nano", embed_dim=16)), emb) is None
+    with pytest.raises(ValueError, match="query_finding_weight"):
+        ClipConfig(query_finding_weight=-1)

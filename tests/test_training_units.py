@@ -127,9 +127,17 @@ def test_train_clip_command_builds_the_config(tmp_path):
     assert (cfg.epochs, cfg.workers, cfg.lr, cfg.freeze_text) == (3, 1, 0.01, False)
     assert cfg.model.image_size == cfg.preprocess.spatial_size == (16, 32, 32)
     assert cfg.model.vision_variant == "nano"  # the rest of the quick preset is kept
+    assert cfg.view_loss_weight == 1.0 and cfg.finding_loss_weight == 10.0
     with pytest.raises(ValueError, match="batch_size"):
         build_config(build_parser().parse_args(
             ["train", "clip", "--catalog", "c", "--out", "o", "--batch-size", "0"]))
+    off = build_config(build_parser().parse_args(
+        ["train", "clip", "--catalog", "c", "--out", "o", "--preset", "quick", "--view-loss-weight", "0",
+         "--view-max-degrees", "3", "--view-max-shift", "1.5"]))
+    assert (off.view_loss_weight, off.view_max_degrees, off.view_max_shift) == (0.0, 3.0, 1.5)
+    with pytest.raises(ValueError, match="view_loss_weight"):
+        build_config(build_parser().parse_args(
+            ["train", "clip", "--catalog", "c", "--out", "o", "--view-loss-weight", "-1"]))
 
 
 def test_eval_group_has_retrieval_and_refuses_missing_checkpoint(tmp_path, capsys):

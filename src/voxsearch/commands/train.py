@@ -64,6 +64,11 @@ def _register_clip(stages) -> None:
                    help="up-weight rare finding positives by negatives/positives, capped (1: plain BCE)")
     p.add_argument("--group-same-findings", action=argparse.BooleanOptionalAction, default=None,
                    help="treat pairs whose studies show the same findings as non-negatives (default: on)")
+    p.add_argument("--view-loss-weight", type=float,
+                   help="weight of the two-view instance loss that tells one patient's scan from another's "
+                        "(0: off, one view per study; quick preset: see README)")
+    p.add_argument("--view-max-degrees", type=float, help="rigid rotation of the second view, up to this many degrees")
+    p.add_argument("--view-max-shift", type=float, help="shift of the second view, up to this many voxels")
     p.add_argument("--input-filter", type=int,
                    help="box pre-filter size before the DCFormer stem (odd; 0: the published encoder)")
     p.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1; the last always runs)")
@@ -105,7 +110,7 @@ def run_export(args) -> int:
 _SIMPLE = ("workers", "gpus_per_worker", "cpus_per_worker", "epochs", "batch_size", "grad_accum", "lr",
            "text_lr", "warmup_steps", "grad_clip", "freeze_text", "init", "init_text_dir", "seed",
            "max_train_studies", "checkpoint_every", "ray_address", "finding_loss_weight", "group_same_findings", "eval_every",
-           "finding_pos_weight_cap")
+           "finding_pos_weight_cap", "view_loss_weight", "view_max_degrees", "view_max_shift")
 
 
 def build_config(args):

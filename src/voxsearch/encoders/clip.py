@@ -27,6 +27,9 @@ class ClipConfig:
     input_filter: int = 0  # box pre-filter before the DCFormer stem (see DCFormer); 0 = published
     # Names of the findings the image embedding is also trained to predict ("type|organ"); empty: no head.
     finding_labels: tuple[str, ...] = ()
+    # How far a search query leans on the finding head (encode_query); training chooses it on held-out
+    # studies, because how well the head ranks a finding against the text embedding differs per model.
+    query_finding_weight: float = 1.0
 
     def __post_init__(self):
         self.finding_labels = tuple(str(v) for v in self.finding_labels)
@@ -35,6 +38,9 @@ class ClipConfig:
         self.image_size = tuple(int(s) for s in self.image_size)
         if self.loss_mode not in MODES:
             raise ValueError(f"unknown loss_mode {self.loss_mode!r}; choose one of {MODES}")
+        self.query_finding_weight = float(self.query_finding_weight)
+        if not self.query_finding_weight >= 0:
+            raise ValueError(f"query_finding_weight must be >= 0, got {self.query_finding_weight}")
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
         if len(self.image_size) != 3:
@@ -51,6 +57,7 @@ class ClipConfig:
             "image_size": list(self.image_size),
             "input_filter": self.input_filter,
             "finding_labels": list(self.finding_labels),
+            "query_finding_weight": self.query_finding_weight,
         }
 
     @classmethod
@@ -113,10 +120,13 @@ class ClipModel(nn.Module):
                 if any(label.partition("|")[0] == kind and organ in (None, label.partition("|")[2])
                        for kind, organ in named)]
 
-    def encode_query(self, texts: list[str], finding_weight: float = 1.0) -> torch.Tensor:
+    def encode_query(self, texts: list[str], finding_weight: float | None = None) -> torch.Tensor:
         """Search-query embeddings: the text embedding plus, for each finding the query names, the finding
-        head's direction for it. Inner product with an image embedding then adds the head's evidence for
-        that finding, so the index still ranks by one dot product. Equals encode_text without a head."""
+        head's direction for it times ``finding_weight`` (None: the checkpoint's query_finding_weight).
+        Inner product with an image embedding then adds the head's evidence for that finding, so the index
+        still ranks by one dot product. Equals encode_text without a head."""
+        if finding_weight is None:
+            finding_weight = self.config.query_finding_weight
         txt = self.encode_text(texts)
         if self.finding_head is None or finding_weight == 0:
             return txt

@@ -134,8 +134,9 @@ class ServeConfig:
     # How many reports of nearby training studies a retrieval-based draft reads.
     draft_neighbours: int = 5
     # How strongly a query's named findings steer text search through the model's finding head
-    # (ClipModel.encode_query); 0 searches by the text embedding alone.
-    finding_query_weight: float = 1.0
+    # (ClipModel.encode_query); None: the weight the checkpoint was calibrated with; 0 searches by the
+    # text embedding alone.
+    finding_query_weight: float | None = None
     excerpt_chars: int = 240
     # Volumes kept in memory for slice rendering, per study-store replica.
     volume_cache: int = 8
@@ -200,6 +201,9 @@ class ServeConfig:
             raise ServeConfigError(f"serve config: port {self.port} is out of range")
         if self.limits.max_concurrent_decodes < 1:
             raise ServeConfigError("serve config: limits.max_concurrent_decodes must be at least 1")
+        if self.finding_query_weight is not None and not self.finding_query_weight >= 0:
+            raise ServeConfigError("serve config: finding_query_weight must be a number >= 0 (or absent: the "
+                                   "checkpoint's own)")
         if self.limits.decode_wait_s < 0:
             raise ServeConfigError("serve config: limits.decode_wait_s must not be negative")
         if self.keys_required() and not self.resolved_api_keys():

@@ -49,3 +49,44 @@ class VolumeAugment:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state
+
+
+
+def rigid_jitter(volumes, generator, max_degrees: float, max_shift: float):
+    """Small random rotations about every axis plus shifts of up to ``max_shift`` voxels of a
+    (B, 1, D, H, W) torch batch, one draw per volume: what a patient moving between two visits does,
+    small enough that left stays left."""
+    import math
+
+    import torch
+
+    b = volumes.shape[0]
+    angles = (torch.rand(b, 3, generator=generator) * 2 - 1) * math.radians(max_degrees)
+    shifts = (torch.rand(b, 3, generator=generator) * 2 - 1) * max_shift
+    return rigid_transform(volumes, angles, shifts)
+
+
+def rigid_transform(volumes, angles, shifts):
+    """Resample each (1, D, H, W) volume of a batch as seen after rotating it about its centre by
+    ``angles`` (B, 3) radians about the D, H and W axes and moving it by ``shifts`` (B, 3) voxels along
+    them; trilinear, zero fill (air after preprocessing). Output voxel v reads input R v + t."""
+    import torch
+    import torch.nn.functional as F
+
+    b = volumes.shape[0]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones(b), torch.zeros(b)
+    # In (D, H, W) voxel coordinates.
+    r_d = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1).view(b, 3, 3)
+    r_h = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1).view(b, 3, 3)
+    r_w = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1).view(b, 3, 3)
+    rot = r_d @ r_h @ r_w
+    # affine_grid speaks normalised (x=W, y=H, z=D) coordinates in [-1, 1]: reverse the axes, and rotate in
+    # voxel units (rotating normalised coordinates of an anisotropic grid would shear).
+    flip = torch.eye(3).flip(0)
+    half = (torch.tensor(volumes.shape[2:], dtype=torch.float32).flip(0) - 1).clamp_min(1) / 2
+    linear = torch.diag(1 / half) @ (flip @ rot @ flip) @ torch.diag(half)
+    offset = (shifts.flip(1) / half).unsqueeze(-1)
+    theta = torch.cat([linear, offset], dim=2).to(volumes.dtype)
+    grid = F.affine_grid(theta, list(volumes.shape), align_corners=True)
+    return F.grid_sample(volumes, grid, mode="bilinear", padding_mode="zeros", align_corners=True)

@@ -115,6 +115,36 @@ def finding_thresholds(model, emb: dict[str, np.ndarray], min_precision: float =
     return out
 
 
+QUERY_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)
+
+
+def query_finding_weight(model, emb: dict[str, np.ndarray], k: int = 10,
+                         candidates: Sequence[float] = QUERY_WEIGHTS) -> tuple[float, dict[str, float]] | None:
+    """The ``encode_query`` finding weight with the best finding precision@k on these (held-out)
+    studies, the smallest of equals, and the precision at each candidate; None without a finding head or
+    without finding queries here. A model whose text embedding ranks findings well needs little of the
+    head, one whose head ranks them better needs more, so this is chosen per checkpoint."""
+    import torch
+
+    if model.finding_head is None or len(emb["img"]) == 0:
+        return None
+    findings = [parse_findings(f) for f in emb["findings"]]
+    queries = finding_queries(findings)
+    if not queries:
+        return None
+    texts = [q.text() for q in queries]
+    was_training = model.training
+    model.eval()
+    scores = {}
+    with torch.inference_mode():
+        for weight in candidates:
+            q_emb = model.encode_query(texts, finding_weight=weight).float().cpu().numpy()
+            scores[f"{weight:g}"] = finding_precision(emb["img"], q_emb, queries, findings, k=k)[f"P@{k}"]
+    model.train(was_training)
+    best = max(candidates, key=lambda w: (round(scores[f"{w:g}"], 9), -w))
+    return float(best), scores
+
+
 def headline(result: dict[str, Any]) -> dict[str, float]:
     """Flat numbers for logs and plots: text->image R@1/R@10 at the largest N, finding P@10."""
     out: dict[str, float] = {}

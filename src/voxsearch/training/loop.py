@@ -34,17 +34,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state(augment) -> dict[str, Any]:
+def _rng_state(augment, motion) -> dict[str, Any]:
     import torch
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "augment": augment.state() if augment else None}
+             "augment": augment.state() if augment else None, "motion": motion.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _restore_rng(state: dict[str, Any], augment) -> None:
+def _restore_rng(state: dict[str, Any], augment, motion) -> None:
     import torch
 
     random.setstate(state["python"])
@@ -54,6 +54,8 @@ def _restore_rng(state: dict[str, Any], augment) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if augment and state.get("augment"):
         augment.set_state(state["augment"])
+    if state.get("motion") is not None:
+        motion.set_state(state["motion"])
 
 
 def build_model(cfg: ClipTrainConfig):
@@ -130,11 +132,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from voxsearch.encoders import load_clip, save_clip
-    from voxsearch.training.augment import VolumeAugment
+    from voxsearch.training.augment import VolumeAugment, rigid_jitter
     from voxsearch.training.evaluate import embed_pairs, headline, score_embeddings
     from voxsearch.training.schedule import warmup_cosine
     from voxsearch.training.shard_cache import build_shard_cache, text_features, worker_cache_root
     from voxsearch.training.text import token_counter, truncate_report
+    from voxsearch.training.view_loss import view_loss
 
     cfg: ClipTrainConfig = loop_config["cfg"]
     steps_per_epoch: int = loop_config["steps_per_epoch"]
@@ -183,7 +186,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(_param_groups(raw, cfg), betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
-    augment = VolumeAugment(seed=cfg.seed * 1000 + rank) if cfg.augment else None
+    two_views = cfg.view_loss_weight > 0
+    # Views must differ even when augmentation is off for the text loss.
+    augment = VolumeAugment(seed=cfg.seed * 1000 + rank) if cfg.augment or two_views else None
+    motion = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919)
     step, history, resumed_from = 0, [], None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -191,7 +197,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step, history = int(state["step"]), list(state["history"])
         resumed_from = step
         if rng is not None:
-            _restore_rng(rng, augment)
+            _restore_rng(rng, augment, motion)
         log.info("rank %d resumed at optimiser step %d", rank, step)
 
     count_tokens = token_counter(raw.text)
@@ -202,10 +208,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     samples, busy = 0, 0.0
 
     def micro_batch(idx: np.ndarray):
-        volumes = np.asarray(cache.volumes[idx], dtype=np.float32)
-        if augment is not None:
-            volumes = np.stack([augment(v) for v in volumes])
-        images = torch.from_numpy(volumes).to(device, non_blocking=True)
+        stored = np.asarray(cache.volumes[idx], dtype=np.float32)
+        volumes = np.stack([augment(v) for v in stored]) if cfg.augment else stored
+        images = torch.from_numpy(volumes)
+        if two_views:
+            second = torch.from_numpy(np.stack([augment(v) for v in stored]))
+            if cfg.view_max_degrees or cfg.view_max_shift:
+                second = rigid_jitter(second, motion, cfg.view_max_degrees, cfg.view_max_shift)
+            images = torch.cat([images, second])
+        images = images.to(device, non_blocking=True)
         if feats_all is not None:
             text = {"text_features": feats_all[idx].to(device)}
         else:
@@ -218,7 +229,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # Every rank writes its own RNG file; Ray Train merges the ranks' files into one checkpoint.
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
-            torch.save(_rng_state(augment), tmp_path / _rng_file(rank))
+            torch.save(_rng_state(augment, motion), tmp_path / _rng_file(rank))
             if rank == 0:
                 save_clip(raw, tmp_path / MODEL_DIR, extra={**extra, "optimizer_steps": step})
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -233,7 +244,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             order = cache.epoch_order(cfg.seed * 1000 + rank, epoch)
             # Micro-batches of this epoch already covered by the checkpoint we resumed from.
             first = (step - epoch * steps_per_epoch) * cfg.grad_accum
-            micro, loss_sum, loss_n, aux_sum = 0, 0.0, 0, 0.0
+            micro, loss_sum, loss_n, aux_sum, view_sum = 0, 0.0, 0, 0.0, 0.0
             t0 = time.perf_counter()
             for m in range(first, micro_per_epoch):
                 idx = order[m * cfg.batch_size:(m + 1) * cfg.batch_size]
@@ -244,15 +255,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     with autocast:
                         out = model(images, **text, with_findings=bool(labels))
                     img, txt = out[0].float(), out[1].float()
-                    loss = raw.loss(img, txt, groups=None if groups_all is None else groups_all[idx].to(device))
+                    n = len(idx)
+                    views = (slice(0, n), slice(n, 2 * n)) if two_views else (slice(0, n),)
+                    groups = None if groups_all is None else groups_all[idx].to(device)
+                    loss = sum(raw.loss(img[v], txt, groups=groups) for v in views) / len(views)
                     if labels:
-                        aux = F.binary_cross_entropy_with_logits(out[2].float(), y_all[idx].to(device),
-                                                                 pos_weight=pos_weight)
+                        target = y_all[idx].to(device)
+                        aux = sum(F.binary_cross_entropy_with_logits(out[2][v].float(), target, pos_weight=pos_weight)
+                                  for v in views) / len(views)
                         aux_sum += float(aux.detach())
                         loss = loss + cfg.finding_loss_weight * aux
+                    if two_views:
+                        inst = view_loss(img[:n], img[n:], cfg.view_temperature)
+                        view_sum += float(inst.detach())
+                        loss = loss + cfg.view_loss_weight * inst
                     (loss / cfg.grad_accum).backward()
                 micro += 1
-                samples += len(images)
+                samples += len(idx)
                 loss_sum += float(loss.detach())
                 loss_n += 1
                 if not last_micro:
@@ -268,8 +287,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                           "t_prime": float(raw.t_prime.detach()), "bias": float(raw.bias.detach())}
                 if labels:
                     record["finding_loss"] = aux_sum / loss_n
+                if two_views:
+                    record["view_loss"] = view_sum / loss_n
                 history.append(record)
-                loss_sum, loss_n, aux_sum = 0.0, 0, 0.0
+                loss_sum, loss_n, aux_sum, view_sum = 0.0, 0, 0.0, 0.0
                 crash = cfg.crash_once
                 if crash and rank == crash["rank"] and step == crash["step"] and not Path(crash["marker"]).exists():
                     Path(crash["marker"]).write_text(f"crashed at step {step}\n")

@@ -176,18 +176,36 @@ def _set_finding_labels(cfg: ClipTrainConfig, train_rows) -> None:
 
 
 def _calibrate_finding_head(cfg: ClipTrainConfig, model_dir: Path, eval_ds, split: str) -> None:
-    """Store per-label thresholds of the finding head, chosen on the evaluation split (not the test split)."""
+    """Calibrate the finding head on the evaluation split (not the test split)."""
+    from voxsearch.training.evaluate import embed_pairs
+
+    def embed(model):
+        return embed_pairs(model, eval_ds.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"))
+
+    calibrate_checkpoint(model_dir, embed, split)
+
+
+def calibrate_checkpoint(model_dir: Path, embed, split: str) -> None:
+    """Store in the checkpoint, from held-out studies (``embed(model)`` -> embed_pairs output): per-label
+    call thresholds of the finding head, and the weight with which search queries lean on it."""
     from voxsearch.encoders import load_clip, read_clip_meta, save_clip
-    from voxsearch.training.evaluate import embed_pairs, finding_thresholds
+    from voxsearch.training.evaluate import finding_thresholds, query_finding_weight
 
     model = load_clip(model_dir)
     if model.finding_head is None:
         return
-    emb = embed_pairs(model, eval_ds.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"))
+    emb = embed(model)
     thresholds = finding_thresholds(model, emb)
     extra = dict(read_clip_meta(model_dir).get("extra") or {})
     extra.update({"finding_thresholds": thresholds, "finding_thresholds_from": f"{split} split, "
                   f"{len(emb['img'])} studies, lowest with precision >= 0.6 per label"})
+    chosen = query_finding_weight(model, emb)
+    if chosen is not None:
+        model.config.query_finding_weight, scores = chosen
+        extra["query_finding_weight_from"] = {"split": split, "studies": int(len(emb["img"])),
+                                              "finding_P@10_by_weight": scores}
+        log.info("query finding weight %g (finding P@10 on the %s split by weight: %s)",
+                 model.config.query_finding_weight, split, scores)
     save_clip(model, model_dir, extra=extra)
     log.info("finding thresholds: %s", dict(zip(model.config.finding_labels, thresholds)))
 
