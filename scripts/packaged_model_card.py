@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("run", type=Path)
     parser.add_argument("exported", type=Path)
     parser.add_argument("--extra-train-args", default="", help="what the train command had beyond --preset quick")
+    parser.add_argument("--note", help="anything else a reader must know about how the checkpoint was made")
     args = parser.parse_args(argv)
 
     import rescan
@@ -95,7 +96,11 @@ def main(argv=None) -> int:
         "finding_thresholds": "per label, lowest at which calls on the validation split are right >= 60% of "
                               "the time (config.json extra.finding_thresholds)",
         "unseen_demo_phantoms_finding_calls": {**calls, "seed": 2026},
+        "query_finding_weight": meta["clip_config"].get("query_finding_weight", 1.0),
+        "query_finding_weight_from": meta["extra"].get("query_finding_weight_from"),
     }
+    if args.note:
+        card["note"] = args.note
     (args.exported / "TRAINED.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps(card, indent=1))
     return 0

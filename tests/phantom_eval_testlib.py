@@ -19,6 +19,8 @@ DEMO_QUERIES: dict[str, Callable[[list[dict]], bool]] = {
                                                and f.get("side") in ("right", "bilateral") for f in fs),
     "brain hemorrhage": lambda fs: any(f["type"] == "hemorrhage" and f["organ"] == "brain" for f in fs),
 }
+# Query text -> the body part its organ lies in.
+DEMO_BODY_PARTS = {"liver metastases": "abdomen", "nodule in the right lung": "chest", "brain hemorrhage": "head"}
 
 
 @dataclass
@@ -57,5 +59,7 @@ def query_precision(model, phantoms: PhantomSet, queries: Sequence[str] = tuple(
         carries = np.array([DEMO_QUERIES[text](f) for f in phantoms.findings])
         top = np.argsort(-(img @ vec), kind="stable")[:k]
         out[text] = {f"P@{k}": float(carries[top].mean()), "relevant": int(carries.sum()),
-                     "chance": float(carries.mean()), "hits_carry": [bool(c) for c in carries[top]]}
+                     "chance": float(carries.mean()), "hits_carry": [bool(c) for c in carries[top]],
+                     "hits_abnormal_in_body": [bool(phantoms.findings[i]) and phantoms.body_parts[i] == DEMO_BODY_PARTS.get(text)
+                                               for i in top]}
     return out
