@@ -3,7 +3,7 @@
     python scripts/packaged_model_card.py RUN EXPORTED [--extra-train-args "..."]
 
 RUN is the `voxsearch train clip` run folder (its metrics.json), EXPORTED the `voxsearch train export`
-output. Measures, in this process: the demo's queries on 300 phantom studies of a seed no training
+output (its config.json then names the run's catalog and run folders CATALOG and RUN). Measures, in this process: the demo's queries on 300 phantom studies of a seed no training
 used (tests/phantom_eval_testlib.py, as tests/test_packaged_model.py does), the rescan probe
 (bench/rescan.py) and the finding calls on the demo's own phantoms (seed 2026).
 """
@@ -46,6 +46,17 @@ def finding_calls(model, head, phantoms) -> dict:
             "normal_studies_with_a_call": round(normal_called / normal, 3) if normal else None}
 
 
+def name_folders_as_the_commands_do(exported: Path) -> None:
+    """The run's own folders in config.json (train_config.catalog and .out) become the placeholders the
+    card's commands use: a shipped checkpoint names no path of the machine that trained it."""
+    path = exported / "config.json"
+    meta = json.loads(path.read_text())
+    train_config = meta.get("extra", {}).get("train_config")
+    if train_config:
+        train_config.update({"catalog": "CATALOG", "out": "RUN"})
+        path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
@@ -59,6 +70,7 @@ def main(argv=None) -> int:
     from voxsearch.encoders import load_clip, read_clip_meta, read_finding_head
     from voxsearch.ingest import PreprocessConfig
 
+    name_folders_as_the_commands_do(args.exported)
     metrics = json.loads((args.run / "metrics.json").read_text())
     epochs = [h for h in metrics["history"] if h["kind"] == "epoch"]
     meta = read_clip_meta(args.exported)

@@ -51,7 +51,6 @@ class VolumeAugment:
         self.rng.bit_generator.state = state
 
 
-
 def rigid_jitter(volumes, generator, max_degrees: float, max_shift: float):
     """Small random rotations about every axis plus shifts of up to ``max_shift`` voxels of a
     (B, 1, D, H, W) torch batch, one draw per volume: what a patient moving between two visits does,
