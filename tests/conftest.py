@@ -1,8 +1,11 @@
-"""Session-wide test fixtures: one local Ray per test run, the shared Med3DVLM fixtures, tiny archives."""
+"""Session-wide test fixtures: one local Ray per test run, the shared Med3DVLM fixtures, an S3 server with a
+fresh bucket per test, tiny archives."""
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from pathlib import Path
 
 # Before anything imports ray or transformers: loopback tests need no token auth, and nothing may
@@ -41,6 +44,39 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+# --- object storage: moto's S3 server on 127.0.0.1 with fake keys ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch) -> str:
+    """A fresh bucket per test, reached the way a deployment reaches MinIO: endpoint and keys from env."""
+    import pyarrow.fs as pafs
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    name = f"vox-{uuid.uuid4().hex[:12]}"
+    admin = pafs.S3FileSystem(endpoint_override=s3_endpoint.split("://")[1], scheme="http", region="us-east-1",
+                              allow_bucket_creation=True, connect_timeout=5, request_timeout=10)
+    admin.create_dir(name)
+    return f"s3://{name}"
 
 
 # --- ingest fixtures (owned by the ingest component) ---------------------------------------------

@@ -1,14 +1,12 @@
-"""Archive, catalog, embedding and index folders on s3://, against moto's S3 server on 127.0.0.1 (fake keys)."""
+"""Archive, catalog, embedding and index folders on s3://, against moto's S3 server on 127.0.0.1 (fake keys;
+the `bucket` fixture is in conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import logging
-import uuid
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import pytest
 
 from index_testlib import clustered_vectors
@@ -16,34 +14,6 @@ from voxsearch.common.storage import ObjectPath, location
 from voxsearch.index import IndexConfig, IndexConflictError, IndexCorruptError, VectorIndex, update_index, versions
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch) -> str:
-    """A fresh bucket per test, reached the way a deployment reaches MinIO: endpoint and keys from env."""
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    name = f"vox-{uuid.uuid4().hex[:12]}"
-    admin = pafs.S3FileSystem(endpoint_override=s3_endpoint.split("://")[1], scheme="http", region="us-east-1",
-                              allow_bucket_creation=True, connect_timeout=5, request_timeout=10)
-    admin.create_dir(name)
-    return f"s3://{name}"
 
 
 def _index(n: int = 300, d: int = 16, seed: int = 0) -> VectorIndex:

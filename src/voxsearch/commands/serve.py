@@ -17,14 +17,15 @@ def register(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--index", help="index directory (written by `voxsearch index`)")
+    p.add_argument("--index", help="index directory (written by `voxsearch index`), or its s3:// / gs:// URI")
     p.add_argument("--checkpoint", help="CLIP checkpoint directory (written by training), or its s3:// / gs:// URI")
-    p.add_argument("--catalog", help="catalog directory (written by `voxsearch ingest`)")
+    p.add_argument("--catalog", help="catalog directory (written by `voxsearch ingest`), or its s3:// / gs:// URI")
     p.add_argument("--config", help="serve config file (.json, .yaml); see the README for its keys")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; other addresses require API keys)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--report-model", help="report model directory; without it drafts are retrieval-based")
-    p.add_argument("--data-dir", help="where studies added through /api/v1/embed are kept (default: beside the index)")
+    p.add_argument("--data-dir", help="where studies added through /api/v1/embed are kept (default: beside the index; "
+                   "required for an index on object storage)")
     p.add_argument("--api-keys-file", help="file with one API key per line")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--exit-after", type=float, metavar="SECONDS",

@@ -143,6 +143,14 @@ class ObjectPath:
         with self._named("stat"):
             return self.fs.get_file_info(self.path).type == pafs.FileType.File
 
+    def stat(self) -> tuple[int, int | None]:
+        """(size, modification time in ns) of this object."""
+        with self._named("stat"):
+            info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{self.uri}: no such object")
+        return info.size, info.mtime_ns
+
     def is_dir(self) -> bool:
         """Objects exist under this name as a prefix."""
         with self._named("stat"):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from voxsearch.common.durable import atomic_write_text, fsync_tree
-from voxsearch.common.hashing import sha256_file
+from voxsearch.common.hashing import sha256_bytes, sha256_file
 from voxsearch.common.storage import ObjectPath, location
 from voxsearch.index.errors import IndexConflictError, IndexCorruptError, IndexFormatError, IndexLockTimeout
 
@@ -82,8 +82,10 @@ def current_version(directory: Path) -> str | None:
     return parts[0] if parts else None
 
 
-def pointer_line(folder: Path) -> str:
-    """What CURRENT holds when it points at this version folder."""
+def pointer_line(folder: Path | ObjectPath) -> str:
+    """What CURRENT holds when it points at this version folder (or version prefix)."""
+    if isinstance(folder, ObjectPath):
+        return f"{folder.name} {sha256_bytes((folder / MANIFEST).read_bytes())}"
     return f"{folder.name} {sha256_file(folder / MANIFEST)}"
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxsearch.common.storage import location
+from voxsearch.common.storage import is_uri, location
 
 
 def is_loopback(host: str) -> bool:
@@ -194,7 +194,15 @@ class ServeConfig:
             if not value:
                 raise ServeConfigError(f"serve config: '{name}' is required")
             if not _exists(name, value):
-                raise ServeConfigError(f"serve config: {name} path {value} does not exist")
+                raise ServeConfigError(f"serve config: {name} path {location(value)} does not exist")
+        # Studies added through /embed are kept as files under a file lock (serve/added_studies.py), by
+        # default in a folder beside the index.
+        if is_uri(self.data_dir):
+            raise ServeConfigError(f"serve config: data_dir {location(self.data_dir)} must be a local or shared "
+                                   "folder: studies added through /embed are kept there")
+        if is_uri(self.index) and not self.data_dir:
+            raise ServeConfigError(f"serve config: the index {location(self.index)} is on object storage, so data_dir "
+                                   "is required: a local or shared folder for studies added through /embed")
         if self.report_model and not Path(self.report_model).is_dir():
             raise ServeConfigError(f"serve config: report_model directory {self.report_model} does not exist")
         if not (0 < self.port < 65536):
@@ -216,14 +224,12 @@ class ServeConfig:
 
 
 def _exists(name: str, value: str) -> bool:
-    """The checkpoint may be an s3:// or gs:// URI (each replica fetches its own copy); the index and
-    the catalog are read from a local or shared folder."""
-    if name != "checkpoint":
-        return Path(value).exists()
+    """The index, checkpoint and catalog may each be an s3:// or gs:// URI (each replica reads its own
+    copy): checked by one request to the store."""
     try:
         return location(value).exists()
-    except OSError as exc:  # names the URI, never a key (storage.ObjectPath)
-        raise ServeConfigError(f"serve config: checkpoint {exc}") from None
+    except (OSError, ValueError) as exc:  # names the URI, never a key (storage.ObjectPath)
+        raise ServeConfigError(f"serve config: {name} {exc}") from None
 
 
 def _build(cls, data: Any, where: str):

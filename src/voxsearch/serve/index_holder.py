@@ -1,11 +1,13 @@
 """The live index of a searcher replica, swapped for a new on-disk version without a pause in service.
 
-A saved index directory names its live version in a CURRENT file that writers replace atomically. The
-holder polls that pointer; when it changes, the new version loads beside the old one, which keeps
-answering until a single reference swap. Adds (from /embed) go through voxsearch.index.update_index:
-applied to the newest on-disk version and saved with a compare-and-swap, so neither another replica nor
-a `voxsearch sync` writing the same index loses them or has its rows lost; the other replicas then pick
-up the new version the same way.
+A saved index directory names its live version in a CURRENT file that writers replace atomically (on
+object storage, a CURRENT object replaced by one PUT: index/object_versions.py). The holder polls that
+pointer; when it changes, the new version loads beside the old one, which keeps answering until a single
+reference swap. Adds (from /embed) go through voxsearch.index.update_index: applied to the newest
+on-disk version and saved with a compare-and-swap, so neither another replica nor a `voxsearch sync`
+writing the same index loses them or has its rows lost; the other replicas then pick up the new version
+the same way. On object storage that compare-and-swap has no lock behind it, so two writers publishing
+within one round trip can still lose a change (object_versions.py): keep one writer there.
 """
 
 from __future__ import annotations
@@ -18,19 +20,32 @@ from typing import Any
 
 import numpy as np
 
+from voxsearch.common.storage import ObjectPath, location
 from voxsearch.serve.config import ServeConfigError
 
 log = logging.getLogger(__name__)
 
 
-def index_pointer(directory: Path) -> str:
-    """What identifies the on-disk version: the CURRENT pointer, or file stats for other layouts."""
-    current = directory / "CURRENT"
+def index_pointer(directory: Path | ObjectPath) -> str:
+    """What identifies the stored version: the CURRENT pointer, or file stats for other local layouts."""
+    from voxsearch.index.versions import CURRENT
+
+    if isinstance(directory, ObjectPath):
+        return _object_pointer(directory / CURRENT)
     try:
-        return current.read_text().strip()
+        return (directory / CURRENT).read_text().strip()
     except OSError:
         stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file())
         return repr(stats)
+
+
+def _object_pointer(current: ObjectPath) -> str:
+    """The CURRENT object's text, or "" where there is none: the prefix holds no index, which loading it
+    reports by its URI. A store that does not answer raises, so a poll keeps the live version."""
+    try:
+        return current.read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def index_model_id(index) -> str | None:
@@ -38,7 +53,7 @@ def index_model_id(index) -> str | None:
     return (dict(getattr(index, "manifest", {}) or {}).get("source") or {}).get("model_id")
 
 
-def check_index_model(directory: str | Path, index, model_id: str | None) -> None:
+def check_index_model(directory: str | Path | ObjectPath, index, model_id: str | None) -> None:
     """Refuse (ServeConfigError, naming both models) an index recorded as holding another model's vectors:
     they are not comparable with the queries the served checkpoint encodes."""
     indexed = index_model_id(index)
@@ -56,9 +71,10 @@ def _hit(hit) -> dict[str, Any]:
 
 
 class IndexHolder:
-    def __init__(self, directory: str | Path, model_id: str | None = None):
-        """``model_id``: the served checkpoint's; a version recorded as another model's is refused."""
-        self.directory = Path(directory)
+    def __init__(self, directory: str | Path | ObjectPath, model_id: str | None = None):
+        """``directory``: a local folder or an s3:// / gs:// prefix. ``model_id``: the served checkpoint's;
+        a version recorded as another model's is refused."""
+        self.directory = location(directory)
         self.model_id = model_id
         self._lock = threading.Lock()
         self.index = None

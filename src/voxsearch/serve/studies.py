@@ -5,7 +5,9 @@ LRU of decoded volumes for slice rendering, which is what a user scrolling throu
 
 The catalog changes under a running server (`voxsearch sync` adds shards and rewrites or deletes them
 when sources go away), so the in-memory copy follows it: at most every `check_s` seconds a request
-lists the row shards (one stat each) and, when the listing differs, the catalog is read again.
+lists the row shards (one stat each; on object storage, one listing request) and, when the listing
+differs, the catalog is read again. The catalog, and the volumes its rows point at, may be on s3:// or
+gs:// (the catalog and volume readers fetch them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from voxsearch.common.storage import ObjectPath, location
 from voxsearch.serve.added_studies import AddedStudies
 from voxsearch.serve.public import excerpt, public_metadata
 from voxsearch.serve.render import PLANES, intensity_range, render_slice, slice_count
@@ -33,7 +36,7 @@ class StudyNotFound(KeyError):
     pass
 
 
-def catalog_stamp(catalog: str | Path) -> tuple:
+def catalog_stamp(catalog: str | Path | ObjectPath) -> tuple:
     """What changes whenever a catalog's rows do: every shard's name, inode, mtime and size.
 
     Writers add shards, or replace and delete them by rename and unlink, so a rewritten shard shows as
@@ -41,7 +44,9 @@ def catalog_stamp(catalog: str | Path) -> tuple:
     """
     from voxsearch.ingest.catalog import ROWS_DIR
 
-    path = Path(catalog)
+    path = location(catalog)
+    if isinstance(path, ObjectPath):
+        return _object_stamp(path, ROWS_DIR)
     if path.is_file():
         st = path.stat()
         return ((path.name, st.st_ino, st.st_mtime_ns, st.st_size),)
@@ -51,8 +56,8 @@ def catalog_stamp(catalog: str | Path) -> tuple:
         return ()
     stamp = []
     for entry in entries:
-        if entry.name.startswith(".") or not entry.name.endswith(".parquet"):
-            continue  # writers' temp files
+        if not _is_shard(entry.name):
+            continue
         try:
             st = entry.stat()
         except FileNotFoundError:
@@ -61,10 +66,28 @@ def catalog_stamp(catalog: str | Path) -> tuple:
     return tuple(sorted(stamp))
 
 
+def _is_shard(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith(".")  # not a writer's temp file
+
+
+def _object_stamp(catalog: ObjectPath, rows_dir: str) -> tuple:
+    """catalog_stamp of a catalog on object storage: every row object's name, size and modification time,
+    from one listing. Objects have no inode and their times whole seconds, so an object replaced within a
+    second by one of the same size would pass unseen; catalog writers name each shard by its run instead."""
+    stamp = tuple((obj.name, size, mtime) for obj, size, mtime in (catalog / rows_dir).rglob_stats()
+                  if _is_shard(obj.name))
+    if stamp:
+        return stamp
+    try:
+        return ((catalog.name, *catalog.stat()),)  # a catalog that is one Parquet object
+    except FileNotFoundError:
+        return ()
+
+
 class StudyCatalog:
-    def __init__(self, catalog: str | Path, added_dir: str | Path, cache_size: int = 8, excerpt_chars: int = 240,
-                 check_s: float = CHECK_S):
-        self.catalog = Path(catalog)
+    def __init__(self, catalog: str | Path | ObjectPath, added_dir: str | Path, cache_size: int = 8,
+                 excerpt_chars: int = 240, check_s: float = CHECK_S):
+        self.catalog = location(catalog)
         self.added = AddedStudies(added_dir)
         self.cache_size = cache_size
         self.excerpt_chars = excerpt_chars
