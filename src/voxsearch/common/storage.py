@@ -9,8 +9,10 @@ last (index/versions.py).
 S3 (and MinIO or any S3-compatible server): the endpoint comes from AWS_ENDPOINT_URL_S3 or
 AWS_ENDPOINT_URL when set, credentials and region from the usual AWS chain (AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_REGION or AWS_DEFAULT_REGION, ~/.aws, instance roles).
-GCS (gs://): Google's application default credentials. Errors name the URI, never a credential: URI
-query strings (pyarrow accepts keys there) are left out of every message.
+GCS (gs://): Google's application default credentials; when STORAGE_EMULATOR_HOST is set (a GCS
+emulator, e.g. http://127.0.0.1:9023, http unless the value says https) that endpoint, anonymously.
+Errors name the URI, never a credential: URI query strings (pyarrow accepts keys there) are left out of
+every message.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def _filesystem(scheme: str, bucket: str, query: str, endpoint: str) -> pafs.Fil
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return pafs.S3FileSystem(endpoint_override=parts.netloc, scheme=parts.scheme, region=region)
+    if scheme == "gs" and endpoint and not query:
+        parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        return pafs.GcsFileSystem(anonymous=True, scheme=parts.scheme, endpoint_override=parts.netloc)
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))[0]
 
 
@@ -87,9 +92,12 @@ class ObjectPath:
     @property
     def fs(self) -> pafs.FileSystem:
         bucket = self.path.split("/", 1)[0]
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        if self.scheme == "s3":
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        else:
+            endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or ""
         try:
-            return _filesystem(self.scheme, bucket, self.query, endpoint if self.scheme == "s3" else "")
+            return _filesystem(self.scheme, bucket, self.query, endpoint)
         except (OSError, ValueError) as exc:
             # pyarrow may quote the URI it was given, query (and any keys in it) included.
             detail = "check the options in its URI" if self.query else str(exc)
@@ -173,8 +181,15 @@ class ObjectPath:
     def iterdir(self) -> list["ObjectPath"]:
         """Objects and sub-prefixes directly under this prefix (none when it holds nothing)."""
         with self._named("list"):
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted(self / info.base_name for info in infos)
+            if self.scheme == "gs":
+                # pyarrow's GCS listing shows a sub-prefix only where a "folder" marker object names it,
+                # and nothing here writes those: list every object below, keep the first name of each.
+                infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+                names = {info.path[len(self.path) + 1:].split("/", 1)[0] for info in infos}
+            else:
+                infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+                names = {info.base_name for info in infos}
+        return sorted(self / name for name in names if name)
 
     def glob(self, pattern: str) -> list["ObjectPath"]:
         """Objects and sub-prefixes directly under this prefix whose name matches `pattern` (no "/")."""
@@ -196,7 +211,14 @@ class ObjectPath:
         prefix's last object goes); a prefix already gone is no error."""
         try:
             with self._named("delete"):
-                self.fs.delete_dir(self.path)
+                if self.scheme != "gs":
+                    self.fs.delete_dir(self.path)
+                    return
+                # pyarrow's GCS delete_dir refuses a prefix that holds nothing; a "folder" marker object
+                # (others' tools write them) outlives delete_dir_contents.
+                self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+                if self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
+                    self.fs.delete_dir(self.path)
         except FileNotFoundError:
             pass
 
