@@ -31,9 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
+    """Run one command. ``whole_process``: this process is the `voxsearch` program (entry), so it may also
+    filter what native code writes to its stderr; callers inside a larger process (tests) leave that alone."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if whole_process and not args.verbose:
+        from voxsearch.common.native_stderr import filter_native_stderr
+
+        filter_native_stderr()  # before logging is set up, so that its handler writes to the real stderr
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -60,5 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutdown_ray()
 
 
+def entry() -> int:
+    """The `voxsearch` program: the console script and `python -m voxsearch.cli`."""
+    return main(whole_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
