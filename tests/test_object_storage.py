@@ -214,15 +214,6 @@ def test_embeddings_round_trip_through_s3_equal_local(bucket, tmp_path):
     assert store.superseded() == set()
 
 
-def test_embed_run_refuses_an_object_storage_folder(bucket):
-    from voxsearch.embed.config import EmbedError
-    from voxsearch.embed.shards import EmbeddingStore
-
-    with pytest.raises(EmbedError, match=f"{bucket}/emb: an embed run cannot write to object storage"):
-        with EmbeddingStore(f"{bucket}/emb").locked():
-            pass
-
-
 def test_cli_builds_and_searches_an_index_on_s3(bucket, tmp_path, capsys, monkeypatch):
     from voxsearch.cli import main
 

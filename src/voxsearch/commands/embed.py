@@ -21,7 +21,9 @@ def register(sub):
     p.add_argument("--catalog", required=True, help="catalog folder written by `voxsearch ingest`")
     p.add_argument("--checkpoint", required=True,
                    help="CLIP checkpoint folder (save_clip format), or its s3:// / gs:// URI")
-    p.add_argument("--out", required=True, help="embedding folder (Parquet shards); created or resumed")
+    p.add_argument("--out", required=True,
+                   help="embedding folder (Parquet shards), or its s3:// / gs:// URI (one run per prefix at a "
+                        "time, held by a run lease); created or resumed")
     p.add_argument("--index", help="vector index folder to build (missing) or update (existing)")
     p.add_argument("--batch-size", type=int, default=4, help="volumes per model forward pass (default 4)")
     p.add_argument("--concurrency", type=int, help="model actors (default: one per GPU, else half the CPUs)")

@@ -20,7 +20,7 @@ FUSE_BELOW_CPUS = 4
 class EmbedConfig:
     catalog: Path | ObjectPath  # s3:// and gs:// too
     checkpoint: Path | ObjectPath  # s3:// and gs:// too: each worker fetches its own copy
-    out: Path | ObjectPath  # parsed as a location, so that a URI is refused by name (shards.py)
+    out: Path | ObjectPath  # s3:// and gs:// too: one run per prefix at a time, under a run lease (lease.py)
     # Built when missing, updated in place (add new ids, drop changed ones) when it exists.
     index: Path | ObjectPath | None = None
     # Volumes per forward pass of the image tower.

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from voxsearch.common.storage import ObjectPath, location
+from voxsearch.common.storage import ObjectPath, location, read_parquet
 from voxsearch.embed.config import EmbedError
 from voxsearch.embed.shards import EmbeddingStore
 from voxsearch.index.embeddings import split_embedding_table
@@ -22,13 +21,13 @@ def _rows_for(store: EmbeddingStore, wanted: set[str] | None) -> pa.Table | None
     parts = []
     for path in store.embedding_files():
         if wanted is not None:
-            ids = pq.read_table(path, columns=["id"]).column("id")
+            ids = read_parquet(path, columns=["id"]).column("id")
             mask = pc.is_in(ids, value_set=pa.array(sorted(wanted), pa.string()))
             if not pc.any(mask).as_py():
                 continue
-            parts.append(pq.read_table(path).filter(mask))
+            parts.append(read_parquet(path).filter(mask))
         else:
-            parts.append(pq.read_table(path))
+            parts.append(read_parquet(path))
     if not parts:
         return None
     return pa.concat_tables(parts, promote_options="default")
@@ -42,7 +41,8 @@ def sync_index(index_dir: Path | ObjectPath, store: EmbeddingStore, model_id: st
     from voxsearch.index import IndexConfig, VectorIndex, update_index
 
     index_dir = location(index_dir)
-    source = {"embeddings": str(store.root.resolve()), "model_id": model_id}
+    root = store.root
+    source = {"embeddings": str(root.resolve() if isinstance(root, Path) else root), "model_id": model_id}
 
     def build() -> VectorIndex | None:
         table = _rows_for(store, None)
@@ -57,7 +57,7 @@ def sync_index(index_dir: Path | ObjectPath, store: EmbeddingStore, model_id: st
             raise EmbedError(f"index {index_dir} holds vectors of model {indexed_model}, not {model_id}; use a new --index")
         embedded = set()
         for path in store.embedding_files():
-            embedded.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+            embedded.update(read_parquet(path, columns=["id"]).column("id").to_pylist())
         superseded = store.superseded()
         wanted = (embedded - set(index.ids())) | (superseded & embedded)
         deleted = index.delete(sorted(superseded - embedded))

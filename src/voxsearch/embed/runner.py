@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -30,6 +29,7 @@ from voxsearch.embed.shards import (
     ShardWriter,
     embedding_schema,
 )
+from voxsearch.embed.lease import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,12 @@ def _consume(ds, cfg: EmbedConfig, plan: Plan, model: ModelInfo, store: Embeddin
     """The driver's loop: rows arrive as the pipeline finishes them and go to shards, whole or not at all."""
     from tqdm import tqdm
 
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_id = store.run_id or new_run_id()
     dtype = np.float16 if cfg.vector_dtype == "float16" else np.float32
     batches = _Batches(_driver_meta(plan.todo), schema, model.model_id, model.preprocess.id, dtype)
-    embedded_writer = ShardWriter(store.root, schema, run_id, cfg.shard_rows)
-    error_writer = ShardWriter(store.errors_dir, ERROR_SCHEMA, run_id, cfg.shard_rows)
+    # On object storage each shard write first checks that this run still holds the folder's lease.
+    embedded_writer = ShardWriter(store.root, schema, run_id, cfg.shard_rows, before_write=store.check_lease)
+    error_writer = ShardWriter(store.errors_dir, ERROR_SCHEMA, run_id, cfg.shard_rows, before_write=store.check_lease)
     failed = 0
     arrivals: list[tuple[float, int]] = []  # (time, rows) of each batch: start-up and steady rate
     bar = tqdm(total=plan.todo.num_rows, unit="series", desc="embed", disable=not cfg.progress, dynamic_ncols=True)

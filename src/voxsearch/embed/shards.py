@@ -5,7 +5,8 @@ Layout of an output folder EMB:
     _errors/part-<run>-<seq>.parquet  one row per catalog row that could not be embedded
     _embed.json                       model id and preprocessing every row was made with
     _superseded.json                  ids re-embedded since the index last saw them
-    .lock                             flock-ed by the one run writing here (its host and pid inside)
+    .lock                             flock-ed by the one run writing here (its host and pid inside);
+                                      on object storage the run's lease (lease.py)
 
 Names starting with "_" or "." are skipped by pyarrow's dataset discovery, so `pq.read_table(EMB)`,
 `voxsearch.index.read_embeddings(EMB)` and `voxsearch.index.build_from_embeddings(EMB)` read exactly the
@@ -15,9 +16,14 @@ Invariant (what makes reruns exactly-once): at any moment each id has at most on
 error, over all shards. Shards appear whole (temp file + rename) or not at all, rows are only removed by
 rewriting a shard the same way, and a run only writes ids that no shard holds.
 
-The folder may be read from an s3:// or gs:// prefix (shards are then whole objects, the JSON state
-files too), but an embed run does not write there: the invariant rests on the run lock, and an object
-store has no lock that dies with its holder, so `locked` refuses such a folder.
+The folder may be an s3:// or gs:// prefix. Shards are then whole objects (one PUT from memory: there is
+no temp name, nothing for remove_temp_files to clear), a shard rewrite replaces its object, and the JSON
+state files are objects too. The invariant rests on one writer per folder. Locally the flock gives that,
+and the kernel drops it when its holder dies; an object store has no such lock, so there `locked` holds a
+run lease instead (lease.py: a heartbeat-renewed .lock object, refused while another run renews it, taken
+over once stale, checked again before every write). The lease is read-then-write, not atomic: two runs
+started within one round trip of each other can both proceed, so on object storage the rule stays one
+embed run per prefix at a time; the lease catches a second run started later and a dead run's leftover.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
+from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from voxsearch.common.storage import ObjectPath, location, read_parquet, write_json, write_parquet
 from voxsearch.embed.config import EmbedError
+from voxsearch.embed.lease import LEASE_TIMEOUT_S, RunLease, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +98,11 @@ class StoredRow:
 class ShardWriter:
     """Buffers rows and writes them as shards of `shard_rows` rows; `close` writes the remainder."""
 
-    def __init__(self, directory: Path | ObjectPath, schema: pa.Schema, run_id: str, shard_rows: int):
+    def __init__(self, directory: Path | ObjectPath, schema: pa.Schema, run_id: str, shard_rows: int,
+                 before_write: Callable[[], None] | None = None):
         self.directory = directory
+        # Called before each shard is written; raises to stop the run (EmbeddingStore.check_lease).
+        self.before_write = before_write
         self.schema = schema
         self.run_id = run_id
         self.shard_rows = shard_rows
@@ -117,6 +129,8 @@ class ShardWriter:
         pending = pa.concat_tables(self._buffer)
         shard, rest = pending.slice(0, n), pending.slice(n)
         path = self.directory / f"part-{self.run_id}-{len(self.files):05d}.parquet"
+        if self.before_write is not None:
+            self.before_write()
         if isinstance(self.directory, Path):
             self.directory.mkdir(parents=True, exist_ok=True)
         # Its hidden temp file ".<name>.*.tmp" is what remove_temp_files clears after a crash (an object
@@ -136,16 +150,26 @@ class EmbeddingStore:
         self.manifest_path = self.root / "_embed.json"
         self.superseded_path = self.root / "_superseded.json"
         self.lock_path = self.root / ".lock"
+        self.run_id: str | None = None  # set while `locked`
+        self.lease: RunLease | None = None  # held while `locked` on object storage
 
     # -- run lock ------------------------------------------------------------------------------------
     @contextmanager
-    def locked(self):
-        """One writer per folder: an flock on .lock held for the run's life. The kernel drops it when its
-        process dies, so a killed run's lock needs no takeover and two runs can never both hold it."""
+    def locked(self, lease_timeout: float = LEASE_TIMEOUT_S, heartbeat: float | None = None):
+        """One writer per folder, held for the run's life. Locally an flock on .lock: the kernel drops it
+        when its process dies, so a killed run's lock needs no takeover and two runs can never both hold
+        it. On object storage a run lease (lease.py; `lease_timeout` and `heartbeat` seconds), which is
+        not atomic: see the module docstring. Sets `run_id`, the name this run's shards carry."""
         if isinstance(self.root, ObjectPath):
-            raise EmbedError(f"{self.root}: an embed run cannot write to object storage (its run lock needs a "
-                             "local or shared file system); write to a local --out folder, then copy it or "
-                             "index it from there")
+            lease = RunLease(self.lock_path, new_run_id(), lease_timeout, heartbeat)
+            lease.acquire(self.root)
+            self.lease, self.run_id = lease, lease.run_id
+            try:
+                yield self
+            finally:
+                self.lease, self.run_id = None, None
+                lease.release()
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -169,10 +193,19 @@ class EmbeddingStore:
                 log.warning("%s: the run that held it (%s) is gone; taking over", self.lock_path, left)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
+            self.run_id = new_run_id()
             yield self
         finally:
+            self.run_id = None
             self.lock_path.unlink(missing_ok=True)  # before the unlock: a waiter then sees a new inode
             os.close(fd)
+
+    def check_lease(self) -> None:
+        """Before each write: on object storage, raise EmbedError unless this run still holds its lease
+        (another run may have taken it over, presuming this one dead). Locally, and outside `locked`,
+        nothing to check: the flock cannot be taken from a live holder."""
+        if self.lease is not None:
+            self.lease.check()
 
     def _lock_owner(self) -> str:
         try:
@@ -181,7 +214,10 @@ class EmbeddingStore:
             return ""
 
     def remove_temp_files(self) -> int:
-        """Temp files of a killed run (only safe while holding the lock)."""
+        """Temp files of a killed run (only safe while holding the lock). Objects have none: each is
+        written with one PUT, which leaves nothing when cut short."""
+        if isinstance(self.root, ObjectPath):
+            return 0
         removed = 0
         for folder in (self.root, self.errors_dir):
             if folder.is_dir():
@@ -204,6 +240,7 @@ class EmbeddingStore:
         if current is None:
             if self.embedding_files() or self.error_files():
                 raise EmbedError(f"{self.root} holds Parquet shards but no {self.manifest_path.name}: not an embed folder")
+            self.check_lease()
             write_json(self.manifest_path, {"format": FORMAT, "version": VERSION, **wanted, **info}, sort_keys=True)
             return
         if current.get("format") != FORMAT:
@@ -214,11 +251,19 @@ class EmbeddingStore:
             raise EmbedError(f"{self.root} was written with {what}. Write to a new --out folder.")
 
     # -- shards --------------------------------------------------------------------------------------
-    def embedding_files(self) -> list[Path]:
-        return sorted(self.root.glob("part-*.parquet")) if self.root.is_dir() else []
+    @staticmethod
+    def _shards(folder: Path | ObjectPath) -> list[Path | ObjectPath]:
+        if isinstance(folder, ObjectPath):
+            # A listing, not is_dir: a prefix is a "directory" to some stores only where a marker names
+            # it, and a shard missed here would be embedded twice. An absent prefix lists nothing.
+            return sorted(folder.glob("part-*.parquet"))
+        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
 
-    def error_files(self) -> list[Path]:
-        return sorted(self.errors_dir.glob("part-*.parquet")) if self.errors_dir.is_dir() else []
+    def embedding_files(self) -> list[Path | ObjectPath]:
+        return self._shards(self.root)
+
+    def error_files(self) -> list[Path | ObjectPath]:
+        return self._shards(self.errors_dir)
 
     def state(self) -> dict[str, StoredRow]:
         """id -> what is stored for it. Reads only the two key columns of each shard."""
@@ -237,10 +282,34 @@ class EmbeddingStore:
 
     def remove_ids(self, ids) -> int:
         """Drop rows of these ids from every shard, each shard rewritten atomically (or deleted if emptied)."""
+        if isinstance(self.root, ObjectPath):
+            return self._remove_ids_from_objects(ids)
         from voxsearch.ingest.forget import drop_rows
 
         # pyarrow's default compression, as ShardWriter writes them.
         return drop_rows(self.embedding_files() + self.error_files(), "id", ids, compression="snappy")
+
+    def _remove_ids_from_objects(self, ids) -> int:
+        """remove_ids on object storage: each shard object that holds one of `ids` is replaced by one PUT
+        of its remaining rows (deleted if none remain), after checking the lease."""
+        wanted = pa.array(sorted(set(ids)), pa.string())
+        if not len(wanted):
+            return 0
+        removed = 0
+        for shard in self.embedding_files() + self.error_files():
+            table = read_parquet(shard)
+            drop = pc.is_in(table.column("id"), value_set=wanted)
+            n = pc.sum(drop).as_py() or 0
+            if not n:
+                continue
+            kept = table.filter(pc.invert(drop))
+            self.check_lease()
+            if kept.num_rows:
+                write_parquet(shard, kept, compression="snappy")
+            else:
+                shard.unlink(missing_ok=True)
+            removed += n
+        return removed
 
     # -- ids the index has not caught up with ---------------------------------------------------------
     def superseded(self) -> set[str]:
@@ -252,7 +321,9 @@ class EmbeddingStore:
         """Recorded before old rows are dropped, so an index updated by a later run still deletes them."""
         ids = set(ids) | self.superseded()
         if ids:
+            self.check_lease()
             write_json(self.superseded_path, sorted(ids), sort_keys=True)
 
     def clear_superseded(self) -> None:
+        self.check_lease()
         self.superseded_path.unlink(missing_ok=True)
