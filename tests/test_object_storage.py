@@ -237,8 +237,6 @@ def test_cli_builds_and_searches_an_index_on_s3(bucket, tmp_path, capsys, monkey
     found = [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert sorted(found) == sorted({f"e{i}" for i in range(2, 20)} | {"n2"})
     assert not list(tmp_path.iterdir())
-    assert main(["index", "build", f"{bucket}/emb", "--out", f"{bucket}/sharded", "--shards", "2"]) != 0
-    assert f"{bucket}/sharded: a sharded index is kept in a local or shared folder" in capsys.readouterr().err
 
 
 def test_ingest_reads_an_archive_in_s3_into_a_catalog_there(bucket, tmp_path, monkeypatch):

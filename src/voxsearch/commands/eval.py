@@ -27,9 +27,13 @@ def _register_retrieval(stages) -> None:
                     "exist), both directions, with chance levels; on catalogs with ground-truth findings "
                     "(the synthetic archive) also precision@10 of finding queries. Refuses a split that "
                     "shares scans (content hash) or patients with another split.\n"
-                    "example: voxsearch eval retrieval --checkpoint runs/clip/model --catalog catalog")
-    p.add_argument("--checkpoint", required=True, type=Path, help="CLIP checkpoint directory (save_clip format)")
-    p.add_argument("--catalog", required=True, type=Path)
+                    "example: voxsearch eval retrieval --checkpoint runs/clip/model --catalog catalog\n"
+                    "(either may be an s3:// or gs:// URI: the catalog and its volumes are read from the bucket, "
+                    "the checkpoint is fetched once per machine into the checkpoint cache)")
+    # Strings, not Paths: an s3:// or gs:// URI must keep its "//".
+    p.add_argument("--checkpoint", required=True,
+                   help="CLIP checkpoint directory (save_clip format) or its s3:// / gs:// URI")
+    p.add_argument("--catalog", required=True, help="catalog folder or s3:// / gs:// URI")
     p.add_argument("--split", default="test")
     p.add_argument("--ns", type=int, nargs="+", default=[100, 500, 1000, 2000])
     p.add_argument("--batch-size", type=int, default=16)
@@ -57,10 +61,17 @@ def format_table(result: dict) -> str:
 
 def run_retrieval(args) -> int:
     from voxsearch.common.runtime import RayConfig, init_ray
+    from voxsearch.common.storage import location
     from voxsearch.training import SplitLeakageError, evaluate_retrieval
 
-    for label, path in (("checkpoint", args.checkpoint), ("catalog", args.catalog)):
-        if not path.exists():
+    for label, value in (("checkpoint", args.checkpoint), ("catalog", args.catalog)):
+        try:
+            path = location(value)  # an ObjectPath prints its URI without the query string
+            found = path.exists()
+        except (OSError, ValueError) as exc:  # names the URI, never a key
+            log.error("%s: %s", label, exc)
+            return 1
+        if not found:
             log.error("%s not found: %s", label, path)
             return 1
     try:
@@ -68,7 +79,7 @@ def run_retrieval(args) -> int:
         result = evaluate_retrieval(args.checkpoint, args.catalog, split=args.split, ns=args.ns,
                                     allow_split_overlap=args.allow_split_overlap, workers=args.workers,
                                     batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError, SplitLeakageError) as exc:
+    except (OSError, ValueError, SplitLeakageError) as exc:
         log.error("%s", exc)
         return 1
     print(format_table(result))

@@ -155,10 +155,6 @@ def _build(args) -> int:
 
     overrides = {"factory": args.factory, "memory_budget_bytes": args.memory_budget, "target_recall": args.target_recall}
     config = IndexConfig(**{k: v for k, v in overrides.items() if v is not None}, use_gpu=False if args.no_gpu else "auto")
-    if args.shards > 1:
-        from voxsearch.index.sharded import sharded_folder
-
-        sharded_folder(args.out)  # refuses object storage before the build, not after
     emb = read_embeddings(args.sources, args.vector_column, args.ids)
     if args.shards > 1:
         _ray(args)

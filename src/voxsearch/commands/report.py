@@ -14,10 +14,14 @@ log = logging.getLogger(__name__)
 MODEL_ENV = "VOXSEARCH_REPORT_MODEL"
 
 
-def default_model_dir() -> Path:
-    """$VOXSEARCH_REPORT_MODEL, else the model `voxsearch train report` writes by default."""
+def default_model_dir() -> Path | str:
+    """$VOXSEARCH_REPORT_MODEL (a folder, or an s3:// or gs:// URI kept as given), else the model
+    `voxsearch train report` writes by default."""
     if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV])
+        from voxsearch.common.storage import is_uri
+
+        value = os.environ[MODEL_ENV]
+        return value if is_uri(value) else Path(value)
     from voxsearch.common.cache import cache_root
 
     return cache_root() / "models" / "report"
@@ -31,18 +35,24 @@ def register(sub) -> None:
                     "example: voxsearch report scan.nii.gz --model runs/report-stage2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scan", type=Path)
-    p.add_argument("--model", type=Path, help=f"report model directory (default: ${MODEL_ENV} or "
-                                              "~/.cache/voxsearch/models/report)")
+    p.add_argument("--model", help=f"report model directory or s3:// / gs:// URI (default: ${MODEL_ENV} or "
+                                   "~/.cache/voxsearch/models/report)")
     p.add_argument("--prompt", help="question or instruction instead of the default report prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--modality", choices=["CT", "MR"], help="override the detected modality")
     p.set_defaults(func=run_report)
 
 
-def _load_model(path: Path | None):
+def _load_model(path: str | Path | None):
+    """The report model at `path` (a folder or an s3:// / gs:// URI, fetched once per machine into the
+    checkpoint cache), else at the default."""
+    from voxsearch.common.storage import is_uri
     from voxsearch.reports.model import load_report_model
 
     path = path or default_model_dir()
+    if is_uri(path):
+        return load_report_model(path)  # errors name the URI
+    path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no report model at {path}; train one with `voxsearch train report --stage 1 ...` then "
@@ -58,7 +68,7 @@ def run_report(args) -> int:
     try:
         model = _load_model(args.model)
         volume = preprocess_path(args.scan, PreprocessConfig.from_dict(model.preprocess), modality=args.modality)
-    except (FileNotFoundError, ValueError, IngestError) as exc:
+    except (OSError, ValueError, IngestError) as exc:
         log.error("%s", exc)
         return 1
     image = torch.from_numpy(volume)[None]
@@ -127,8 +137,14 @@ def build_train_config(args):
     if args.visual_tokens:
         low, high = args.visual_tokens
         model = dataclasses.replace(model, low_tokens=(max(low, high) * 3 // 2, low), high_tokens=(high, high))
+    out = args.out or default_model_dir()
+    from voxsearch.common.storage import is_uri, location
+
+    if is_uri(out):  # the default may come from $VOXSEARCH_REPORT_MODEL
+        raise ValueError(f"report training writes its model to a local or shared folder, not {location(out)}; "
+                         "upload the folder afterwards")
     return ReportTrainConfig(
-        catalog=args.catalog, out=args.out or default_model_dir(), stage=args.stage, init=args.init, model=model,
+        catalog=args.catalog, out=out, stage=args.stage, init=args.init, model=model,
         vision_init=args.vision_init, tasks=tuple(args.tasks), m3d_vqa_csv=args.m3d_vqa_csv,
         m3d_image_root=args.m3d_image_root, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lm_lr=args.lm_lr, lora=LoraSettings(r=args.lora, alpha=2 * args.lora) if args.lora else None,
@@ -189,8 +205,8 @@ def register_eval(stages) -> None:
 
 
 def _common_eval(p) -> None:
-    p.add_argument("--model", type=Path, help="report model directory (default: as `voxsearch report`)")
-    p.add_argument("--catalog", type=Path)
+    p.add_argument("--model", help="report model directory or s3:// / gs:// URI (default: as `voxsearch report`)")
+    p.add_argument("--catalog", help="catalog folder or s3:// / gs:// URI")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, help="first N studies of the split")
     p.add_argument("--batch-size", type=int, default=4)
@@ -239,7 +255,7 @@ def run_eval_report(args) -> int:
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   workers=args.workers, allow_split_overlap=args.allow_split_overlap,
                                   examples=args.examples)
-    except (FileNotFoundError, ValueError, SplitLeakageError) as exc:
+    except (OSError, ValueError, SplitLeakageError) as exc:
         log.error("%s", exc)
         return 1
     print(format_report_result(result))
@@ -263,7 +279,7 @@ def run_eval_vqa(args) -> int:
                               m3d_image_root=args.m3d_image_root, limit=args.limit,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, workers=args.workers,
                               allow_split_overlap=args.allow_split_overlap)
-    except (FileNotFoundError, ValueError, SplitLeakageError) as exc:
+    except (OSError, ValueError, SplitLeakageError) as exc:
         log.error("%s", exc)
         return 1
     c = result["closed"]

@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--config", help="serve config file (.json, .yaml); see the README for its keys")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; other addresses require API keys)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    p.add_argument("--report-model", help="report model directory; without it drafts are retrieval-based")
+    p.add_argument("--report-model", help="report model directory, or its s3:// / gs:// URI; without it drafts are "
+                   "retrieval-based")
     p.add_argument("--data-dir", help="where studies added through /api/v1/embed are kept (default: beside the index; "
                    "required for an index on object storage)")
     p.add_argument("--api-keys-file", help="file with one API key per line")

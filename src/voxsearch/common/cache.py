@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from voxsearch.common.durable import fsync_dir, fsync_tree
-from voxsearch.common.storage import ObjectPath
+from voxsearch.common.storage import ObjectPath, location
 
 
 def cache_root() -> Path:
@@ -55,6 +55,16 @@ def local_copy(prefix: ObjectPath, kind: str) -> Path:
         if not folder.is_dir():  # another process may have copied it while this one waited
             _download(listing, names, folder)
     return folder
+
+
+def local_folder(directory: "str | os.PathLike | ObjectPath", kind: str = "checkpoints") -> tuple[Path, str]:
+    """The folder to read and the name errors give it: for an s3:// or gs:// URI its local copy
+    (local_copy), named by the URI without its query string; a local folder as it is, by its path.
+    Model folders (CLIP checkpoints, report models) are read this way."""
+    where = location(directory)
+    if isinstance(where, ObjectPath):
+        return local_copy(where, kind), where.uri
+    return where, str(where)
 
 
 def _digest(value) -> str:

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from voxsearch.common.cache import local_copy
+from voxsearch.common.cache import local_folder
 from voxsearch.common.durable import replace_dir
 from voxsearch.common.hashing import sha256_file
-from voxsearch.common.storage import ObjectPath, location
+from voxsearch.common.storage import ObjectPath
 
 from .clip import ClipConfig, ClipModel
 from .inference import is_folded
@@ -108,10 +108,7 @@ def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -
 
 def _local(directory: str | Path | ObjectPath) -> tuple[Path, str]:
     """The folder to read and the name errors give it: a URI's local copy, named by the URI."""
-    where = location(directory)
-    if isinstance(where, ObjectPath):
-        return local_copy(where, "checkpoints"), where.uri
-    return where, str(where)
+    return local_folder(directory, "checkpoints")
 
 
 def read_clip_meta(directory: str | Path) -> dict:

@@ -1,22 +1,27 @@
 """ShardedIndex: N VectorIndex shards split by a hash of the id, each held by a Ray actor, searched in
 parallel and merged. Every shard returns its own true top-k, so the merged top-k equals that of one
 index over the same rows. Works on a local Ray or a cluster (shard folders must then be on storage
-every node can reach)."""
+every node can reach: a shared folder, or an s3:// / gs:// prefix).
+
+On object storage each shard is an index prefix of its own (object_versions.py: version prefixes, a
+checksummed manifest, CURRENT written last) and sharded.json is written after every shard has published,
+so a reader of a new prefix sees all shards or no index. The actors read and write their shards in the
+bucket themselves (every node needs the storage settings, e.g. the same AWS_* variables)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from voxsearch.index.config import IndexConfig
-from voxsearch.common.durable import atomic_write_json
-from voxsearch.common.storage import ObjectPath, is_uri
-from voxsearch.index.errors import IndexFormatError
+from voxsearch.common.storage import ObjectPath, location, write_json
+from voxsearch.index.errors import IndexCorruptError, IndexFormatError, VectorIndexError
 from voxsearch.index.vector_index import Hit, VectorIndex, update_index
 
 SHARDED_MANIFEST = "sharded.json"
@@ -28,12 +33,33 @@ def shard_of(item_id: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little") % num_shards
 
 
-def sharded_folder(directory: str | Path | ObjectPath) -> Path:
-    """An absolute path: shard actors run elsewhere, with another working directory."""
-    if is_uri(directory):
-        raise IndexFormatError(f"{directory}: a sharded index is kept in a local or shared folder; object storage "
-                               "holds single (unsharded) indexes only")
-    return Path(directory).absolute()
+def sharded_folder(directory: str | Path | ObjectPath) -> Path | ObjectPath:
+    """An absolute path (shard actors run elsewhere, with another working directory), or the s3:// /
+    gs:// prefix as an ObjectPath."""
+    directory = location(directory)
+    return directory if isinstance(directory, ObjectPath) else directory.absolute()
+
+
+def _shard_location(directory: Path | ObjectPath, name: str) -> str | ObjectPath:
+    """What a shard actor is given: a path string, or the ObjectPath (which keeps a URI's query)."""
+    return directory / name if isinstance(directory, ObjectPath) else str(directory / name)
+
+
+def read_sharded_manifest(directory: str | Path | ObjectPath) -> dict:
+    """sharded.json of a sharded index folder or prefix, checked to be one."""
+    directory = sharded_folder(directory)
+    path = directory / SHARDED_MANIFEST
+    try:
+        body = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise IndexFormatError(f"{directory} is not a sharded voxsearch index (no {SHARDED_MANIFEST})") from None
+    try:
+        manifest = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexCorruptError(f"{path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != SHARDED_FORMAT:
+        raise IndexFormatError(f"{path}: format {manifest.get('format')!r} is not {SHARDED_FORMAT!r}")
+    return manifest
 
 
 class _Shard:
@@ -46,7 +72,7 @@ class _Shard:
         self.index = VectorIndex.build(ids, vectors, metadata, config)
         return len(self.index)
 
-    def load(self, directory: str, mmap: bool, verify: bool) -> int:
+    def load(self, directory: str | ObjectPath, mmap: bool, verify: bool) -> int:
         self.index = VectorIndex.load(directory, mmap=mmap, verify=verify)
         return len(self.index)
 
@@ -59,14 +85,14 @@ class _Shard:
     def delete(self, ids) -> int:
         return self.index.delete(ids)
 
-    def save(self, directory: str) -> str:
+    def save(self, directory: str | ObjectPath) -> str:
         return str(self.index.save(directory))
 
     def compact(self) -> int:
         self.index.compact()
         return len(self.index)
 
-    def update(self, directory: str, action: str, args: tuple) -> int:
+    def update(self, directory: str | ObjectPath, action: str, args: tuple) -> int:
         """Apply add / delete / compact to the newest saved version of this shard and hold the result."""
         done = update_index(directory, lambda index: getattr(index, action)(*args))
         self.index = done.index
@@ -112,9 +138,16 @@ class ShardedIndex:
         return [actor.remote() for _ in range(num_shards)]
 
     def _get(self, refs):
+        """ray.get; a shard's index error is raised as itself (its message names the shard's folder or
+        URI), not wrapped in Ray's RayTaskError."""
         import ray
 
-        return ray.get(refs, timeout=self.timeout)
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, VectorIndexError):
+                raise exc.cause from None
+            raise
 
     @classmethod
     def build(cls, ids: Sequence[str], vectors: np.ndarray, metadata: pa.Table | None = None, num_shards: int = 2,
@@ -132,23 +165,31 @@ class ShardedIndex:
         self = cls(cls._spawn(num_shards, actor_options), vectors.shape[1], timeout)
         ids = np.asarray([str(i) for i in ids], dtype=object)
         config = config or IndexConfig()
-        self._get([a.build.remote(ids[rows].tolist(), vectors[rows], _take(metadata, rows), config)
-                   for a, rows in zip(self._actors, parts)])
+        with self._closed_on_error():
+            self._get([a.build.remote(ids[rows].tolist(), vectors[rows], _take(metadata, rows), config)
+                       for a, rows in zip(self._actors, parts)])
         return self
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True,
+    def load(cls, directory: str | Path | ObjectPath, mmap: bool = False, verify: bool = True,
              actor_options: Mapping | None = None, timeout: float = 3600.0) -> "ShardedIndex":
+        """Each actor loads its shard itself (from an s3:// / gs:// prefix: downloads it on its node)."""
         directory = sharded_folder(directory)
-        path = directory / SHARDED_MANIFEST
-        if not path.is_file():
-            raise IndexFormatError(f"{directory} is not a sharded voxsearch index (no {SHARDED_MANIFEST})")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != SHARDED_FORMAT:
-            raise IndexFormatError(f"{path}: format {manifest.get('format')!r} is not {SHARDED_FORMAT!r}")
+        manifest = read_sharded_manifest(directory)
         self = cls(cls._spawn(manifest["num_shards"], actor_options), manifest["dim"], timeout)
-        self._get([a.load.remote(str(directory / name), mmap, verify) for a, name in zip(self._actors, manifest["shards"])])
+        with self._closed_on_error():
+            self._get([a.load.remote(_shard_location(directory, name), mmap, verify)
+                       for a, name in zip(self._actors, manifest["shards"])])
         return self
+
+    @contextmanager
+    def _closed_on_error(self) -> Iterator[None]:
+        """The actors end when building or loading fails: nothing else would free the CPUs they hold."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def num_shards(self) -> int:
@@ -221,7 +262,7 @@ class ShardedIndex:
         through update_index so a concurrent writer's version is re-applied to, never overwritten; the
         actors then hold the new versions. Returns rows added / deleted, or the live count for compact."""
         directory = sharded_folder(directory)
-        names = json.loads((directory / SHARDED_MANIFEST).read_text())["shards"]
+        names = read_sharded_manifest(directory)["shards"]
         ids = np.asarray([str(i) for i in ids], dtype=object)
         vectors = np.asarray(vectors, dtype=np.float32) if vectors is not None else None
 
@@ -235,21 +276,24 @@ class ShardedIndex:
         else:
             parts = _partition(ids, self.num_shards)
             calls = [(a, name, args(rows)) for a, name, rows in zip(self._actors, names, parts) if len(rows)]
-        return sum(self._get([a.update.remote(str(directory / name), action, args) for a, name, args in calls]))
+        return sum(self._get([a.update.remote(_shard_location(directory, name), action, args)
+                              for a, name, args in calls]))
 
     @property
     def needs_compact(self) -> bool:
         return any(m["deleted"] / max(m["rows"], 1) > 0.2 for m in self.shard_manifests())
 
-    def save(self, directory: str | Path) -> Path:
-        """Each shard saves crash-safely into its own folder, then sharded.json is swapped in."""
+    def save(self, directory: str | Path | ObjectPath) -> Path | ObjectPath:
+        """Each shard saves crash-safely into its own folder (or prefix: each actor uploads its shard),
+        then sharded.json is swapped in (on object storage: written, one PUT, after every shard)."""
         directory = sharded_folder(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(directory, Path):
+            directory.mkdir(parents=True, exist_ok=True)
         names = [f"shard-{s:05d}-of-{self.num_shards:05d}" for s in range(self.num_shards)]
-        self._get([a.save.remote(str(directory / name)) for a, name in zip(self._actors, names)])
+        self._get([a.save.remote(_shard_location(directory, name)) for a, name in zip(self._actors, names)])
         manifest = {"format": SHARDED_FORMAT, "format_version": 1, "num_shards": self.num_shards, "dim": self._dim,
                     "shards": names, "hash": "blake2b-64(id) mod num_shards"}
-        atomic_write_json(directory / SHARDED_MANIFEST, manifest)
+        write_json(directory / SHARDED_MANIFEST, manifest)
         return directory
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from voxsearch.common.cache import local_folder
 from voxsearch.common.durable import replace_dir
 from voxsearch.encoders.dcformer import DCFormer, dcformer
 from voxsearch.encoders.projector import MixerProjector, MixerProjectorConfig
@@ -429,27 +430,35 @@ def save_report_model(model: ReportModel, directory: str | os.PathLike, extra: d
 
 
 def read_report_meta(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / "config.json"
+    """The model directory's config.json, checked; the directory may be an s3:// or gs:// URI (read from
+    its local copy, as load_report_model does)."""
+    return _read_report_meta(*local_folder(directory, "checkpoints"))
+
+
+def _read_report_meta(directory: Path, name: str) -> dict:
+    """config.json of the folder `directory`, errors naming it `name` (the URI for a local copy)."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads((directory / "config.json").read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{directory} is not a report model directory (no config.json)") from None
+        raise FileNotFoundError(f"{name} is not a report model directory (no config.json)") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise ValueError(f"{name}/config.json is not valid JSON: {exc}") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory} holds format {meta.get('format')!r}, not a voxsearch report model")
+        raise ValueError(f"{name} holds format {meta.get('format')!r}, not a voxsearch report model")
     if int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{directory} was written by a newer voxsearch (format version {meta['version']})")
+        raise ValueError(f"{name} was written by a newer voxsearch (format version {meta['version']})")
     return meta
 
 
 def load_report_model(directory: str | os.PathLike, device: str = "cpu") -> ReportModel:
-    """Load a directory written by save_report_model, in eval mode."""
+    """Load a directory written by save_report_model, in eval mode. An s3:// or gs:// URI of such a
+    directory is read from a local copy, downloaded once per machine and again when its objects change
+    (voxsearch.common.cache, as CLIP checkpoints are); errors name the URI."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = Path(directory)
-    meta = read_report_meta(directory)
+    directory, name = local_folder(directory, "checkpoints")
+    meta = _read_report_meta(directory, name)
     config = ReportModelConfig.from_dict(meta["config"])
     lm = AutoModelForCausalLM.from_pretrained(str(directory / LM_SUBDIR), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(directory / LM_SUBDIR))

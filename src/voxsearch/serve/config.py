@@ -109,7 +109,8 @@ class ServeConfig:
     index: str | None = None
     checkpoint: str | None = None
     catalog: str | None = None
-    # Optional report model directory (voxsearch.reports.model); None: retrieval-based drafts.
+    # Optional report model directory (voxsearch.reports.model) or its s3:// / gs:// URI (each replica
+    # fetches it into the checkpoint cache); None: retrieval-based drafts.
     report_model: str | None = None
     # Where studies added through /embed are kept (de-identified volumes + their catalog rows).
     data_dir: str | None = None
@@ -203,8 +204,11 @@ class ServeConfig:
         if is_uri(self.index) and not self.data_dir:
             raise ServeConfigError(f"serve config: the index {location(self.index)} is on object storage, so data_dir "
                                    "is required: a local or shared folder for studies added through /embed")
-        if self.report_model and not Path(self.report_model).is_dir():
-            raise ServeConfigError(f"serve config: report_model directory {self.report_model} does not exist")
+        if self.report_model and not (_exists("report_model", self.report_model) if is_uri(self.report_model)
+                                      else Path(self.report_model).is_dir()):
+            # An s3:// or gs:// URI: each replica fetches its own copy into the checkpoint cache.
+            raise ServeConfigError(f"serve config: report_model directory {location(self.report_model)} "
+                                   "does not exist")
         if not (0 < self.port < 65536):
             raise ServeConfigError(f"serve config: port {self.port} is out of range")
         if self.limits.max_concurrent_decodes < 1:

@@ -25,9 +25,11 @@ PAIR_COLUMNS = ("series_id", "split", "report", "findings", "modality", "body_pa
 def load_catalog(catalog: Path | str | pa.Table) -> pa.Table:
     if isinstance(catalog, pa.Table):
         return catalog
+    from voxsearch.common.storage import location
     from voxsearch.ingest import read_catalog
 
-    path = Path(catalog)
+    # A folder, or an s3:// / gs:// URI (Path would fold its "//" into a local folder "s3:").
+    path = location(catalog)
     if not path.exists():
         raise FileNotFoundError(f"catalog not found: {path}")
     return read_catalog(path)

@@ -168,11 +168,13 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
 def _model_and_preprocess(model, preprocess):
     """(ClipModel, PreprocessConfig): a checkpoint directory brings its own contract; a model in memory
     is preprocessed at its image size unless told otherwise."""
+    from voxsearch.common.storage import ObjectPath, location
     from voxsearch.encoders import open_checkpoint
     from voxsearch.ingest import PreprocessConfig
 
-    if isinstance(model, (str, Path)):
-        directory = Path(model)
+    if isinstance(model, (str, Path, ObjectPath)):
+        # A folder, or an s3:// / gs:// URI: open_checkpoint reads the latter from the checkpoint cache.
+        directory = location(model)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {directory}")
         checkpoint = open_checkpoint(directory)
@@ -189,7 +191,8 @@ def _model_and_preprocess(model, preprocess):
 def evaluate_retrieval(model, catalog: Path | str | pa.Table, split: str = "test", preprocess=None,
                        ns: Sequence[int] = DEFAULT_NS, allow_split_overlap: bool = False,
                        workers: int = 2, batch_size: int = 16, k: int = 10) -> dict[str, Any]:
-    """Score `model` (a ClipModel or a checkpoint directory) on the first N pairs of `split`.
+    """Score `model` (a ClipModel or a checkpoint directory) on the first N pairs of `split`. The checkpoint
+    and the catalog may be s3:// or gs:// URIs (so may the volumes the catalog's rows point at).
 
     Refuses (SplitLeakageError) when the split shares scans or patients with another split, unless
     allow_split_overlap; the integrity report is part of the result either way. Needs Ray (it
