@@ -116,6 +116,20 @@ def test_leakage_is_reported_and_refused():
     assert require_clean(leaky, allow_overlap=True).to_dict()["clean"] is False
 
 
+def test_train_clip_takes_a_catalog_on_object_storage_and_records_it_without_keys():
+    from voxsearch.cli import build_parser
+    from voxsearch.common.storage import ObjectPath
+    from voxsearch.commands.train import build_config
+
+    cfg = build_config(build_parser().parse_args(
+        ["train", "clip", "--catalog", "s3://scans/catalog?access_key=AKIDPLANTED", "--out", "o", "--preset", "quick"]))
+    # A URI stays a URI (Path("s3://b/x") would read a local folder "s3:/b/x") and its query, which may
+    # hold keys, is not written beside the weights.
+    assert isinstance(cfg.catalog, ObjectPath) and cfg.catalog.uri == "s3://scans/catalog"
+    assert cfg.summary()["catalog"] == "s3://scans/catalog"
+    assert "AKIDPLANTED" not in json.dumps(cfg.summary())
+
+
 def test_train_clip_command_builds_the_config(tmp_path):
     from voxsearch.cli import build_parser
     from voxsearch.commands.train import build_config

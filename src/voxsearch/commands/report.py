@@ -93,7 +93,7 @@ def register_train(stages) -> None:
                "  voxsearch train report --stage 2 --catalog catalog --init runs/report1 --out runs/report2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
-    p.add_argument("--catalog", type=Path, required=True)
+    p.add_argument("--catalog", required=True, help="catalog folder or s3:// / gs:// URI")
     p.add_argument("--out", type=Path, help="model directory to write (default: the `voxsearch report` default)")
     p.add_argument("--init", type=Path, help="stage 2: the stage-1 model directory")
     p.add_argument("--lm", type=Path, help="stage 1: local Hugging Face causal LM directory (default: SmolLM2)")

@@ -35,7 +35,7 @@ def _register_clip(stages) -> None:
                     "evaluation each epoch (recall@1/5/10, finding precision@10), checkpoints that survive "
                     "a lost worker. Writes OUT/model (load_clip format), OUT/metrics.json|csv, OUT/curves.png.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--catalog", required=True, type=Path, help="catalog directory (voxsearch ingest)")
+    p.add_argument("--catalog", required=True, help="catalog directory (voxsearch ingest), or its s3:// / gs:// URI")
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--preset", default="default", choices=["quick", "default"],
                    help="quick: nano DCFormer at 32x64x64, minutes on CPU; default: small at 128x256x256")

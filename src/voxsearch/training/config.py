@@ -14,7 +14,7 @@ from voxsearch.ingest import PreprocessConfig
 
 @dataclass
 class ClipTrainConfig:
-    catalog: Path
+    catalog: Path | ObjectPath
     out: Path
     # Ray Train scaling: one DDP rank per worker; gloo on CPU, NCCL when workers hold GPUs.
     workers: int = 2
@@ -74,7 +74,7 @@ class ClipTrainConfig:
     crash_once: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.catalog = Path(self.catalog)
+        self.catalog = location(self.catalog)  # a folder, or an s3:// / gs:// catalog
         self.out = Path(self.out)
         # Absolute here, on the driver: the training workers open them from their own working folders.
         if self.init is not None:
@@ -103,6 +103,8 @@ class ClipTrainConfig:
         """JSON-able description of the run, stored beside the weights."""
 
         def plain(value: Any) -> Any:
+            if isinstance(value, ObjectPath):
+                return value.uri  # never its query string, which may hold keys
             if dataclasses.is_dataclass(value):
                 return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
             if isinstance(value, Path):
@@ -177,10 +179,10 @@ def _default(catalog: Path, out: Path, **overrides: Any) -> ClipTrainConfig:
 PRESETS = {"quick": _quick, "default": _default}
 
 
-def preset(name: str, catalog: Path | str, out: Path | str, **overrides: Any) -> ClipTrainConfig:
+def preset(name: str, catalog: Path | ObjectPath | str, out: Path | str, **overrides: Any) -> ClipTrainConfig:
     """A named starting point (`quick`: minutes on CPU; `default`: the real recipe) plus overrides."""
     try:
         factory = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}") from None
-    return factory(Path(catalog), Path(out), **overrides)
+    return factory(location(catalog), Path(out), **overrides)
