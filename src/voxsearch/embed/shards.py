@@ -40,7 +40,6 @@ from time import perf_counter
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from voxsearch.common.storage import ObjectPath, location, read_parquet, write_json, write_parquet
 from voxsearch.embed.config import EmbedError
@@ -282,34 +281,12 @@ class EmbeddingStore:
 
     def remove_ids(self, ids) -> int:
         """Drop rows of these ids from every shard, each shard rewritten atomically (or deleted if emptied)."""
-        if isinstance(self.root, ObjectPath):
-            return self._remove_ids_from_objects(ids)
         from voxsearch.ingest.forget import drop_rows
 
-        # pyarrow's default compression, as ShardWriter writes them.
-        return drop_rows(self.embedding_files() + self.error_files(), "id", ids, compression="snappy")
-
-    def _remove_ids_from_objects(self, ids) -> int:
-        """remove_ids on object storage: each shard object that holds one of `ids` is replaced by one PUT
-        of its remaining rows (deleted if none remain), after checking the lease."""
-        wanted = pa.array(sorted(set(ids)), pa.string())
-        if not len(wanted):
-            return 0
-        removed = 0
-        for shard in self.embedding_files() + self.error_files():
-            table = read_parquet(shard)
-            drop = pc.is_in(table.column("id"), value_set=wanted)
-            n = pc.sum(drop).as_py() or 0
-            if not n:
-                continue
-            kept = table.filter(pc.invert(drop))
-            self.check_lease()
-            if kept.num_rows:
-                write_parquet(shard, kept, compression="snappy")
-            else:
-                shard.unlink(missing_ok=True)
-            removed += n
-        return removed
+        # pyarrow's default compression, as ShardWriter writes them; on object storage each rewrite or
+        # delete waits on the lease check.
+        return drop_rows(self.embedding_files() + self.error_files(), "id", ids, compression="snappy",
+                         before_write=self.check_lease)
 
     # -- ids the index has not caught up with ---------------------------------------------------------
     def superseded(self) -> set[str]:

@@ -37,7 +37,6 @@ import torch
 from voxsearch.common.cache import local_folder
 from voxsearch.common.durable import replace_dir
 from voxsearch.common.hashing import sha256_file
-from voxsearch.common.storage import ObjectPath
 
 from .clip import ClipConfig, ClipModel
 from .inference import is_folded
@@ -90,7 +89,7 @@ def save_clip(model: ClipModel, directory: str | Path, extra: dict | None = None
 def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -> Path:
     """Copy checkpoint ``src`` to ``dest``; with ``packaged_text`` leave out the text tower, which must then
     be the packaged default tower with its weights unchanged (checked tensor by tensor)."""
-    local, name = _local(src)
+    local, name = local_folder(src)
     meta = _read_meta(local, name)[0]
     model = _build_model(local, meta, _clip_config(local, meta, name), "cpu", name)
     extra = meta.get("extra")
@@ -106,14 +105,9 @@ def export_clip(src: str | Path, dest: str | Path, packaged_text: bool = True) -
     return save_clip(model, dest, extra=extra, packaged_text=packaged_text)
 
 
-def _local(directory: str | Path | ObjectPath) -> tuple[Path, str]:
-    """The folder to read and the name errors give it: a URI's local copy, named by the URI."""
-    return local_folder(directory, "checkpoints")
-
-
 def read_clip_meta(directory: str | Path) -> dict:
     """The checkpoint's config.json (format, version, clip_config, extra); checks format and version."""
-    return _read_meta(*_local(directory))[0]
+    return _read_meta(*local_folder(directory))[0]
 
 
 def _read_meta(directory: Path, name: str) -> tuple[dict, bytes]:
@@ -167,7 +161,7 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> Clip
 
     The model alone, for training, which brings its own preprocessing; whatever feeds the model scans by
     the checkpoint's own contract opens it with ``open_checkpoint``."""
-    local, name = _local(directory)
+    local, name = local_folder(directory)
     meta = _read_meta(local, name)[0]
     return _build_model(local, meta, _clip_config(local, meta, name), device, name)
 
@@ -273,7 +267,7 @@ def open_checkpoint(directory: str | Path) -> ClipCheckpoint:
     """Read and check a checkpoint directory or s3:// / gs:// URI (format, model config, preprocessing
     contract); ValueError or FileNotFoundError naming it when it cannot be used, OSError naming the URI
     when it cannot be fetched."""
-    local, name = _local(directory)
+    local, name = local_folder(directory)
     meta, raw = _read_meta(local, name)
     config = _clip_config(local, meta, name)
     preprocess = _preprocess_contract(name, meta, config.image_size)
@@ -282,7 +276,7 @@ def open_checkpoint(directory: str | Path) -> ClipCheckpoint:
 
 def read_finding_head(directory: str | Path) -> FindingHead | None:
     """The checkpoint's finding head, or None when it was trained without finding labels."""
-    local, name = _local(directory)
+    local, name = local_folder(directory)
     return _finding_head(local, _read_meta(local, name)[0])
 
 
@@ -300,7 +294,7 @@ def _finding_head(directory: Path, meta: dict) -> FindingHead | None:
 
 def model_id(directory: str | Path) -> str:
     """Short stable id of a checkpoint: hash of its config.json and its weights file's digest."""
-    local, name = _local(directory)
+    local, name = local_folder(directory)
     return _model_id(local, _read_meta(local, name)[1])
 
 
