@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from voxsearch.ingest import monai_lean
 from voxsearch.ingest.errors import IngestError
 from voxsearch.ingest.volume import HU, RAW, UNIT, Volume
 
@@ -77,8 +78,10 @@ PRESETS = {"med3dvlm": PreprocessConfig(), "m3d": PreprocessConfig(spatial_size=
 
 
 def _transforms():
-    """MONAI imports cost ~3 s; keep them out of module import (CLI start, Ray task pickling)."""
+    """MONAI imports cost seconds; keep them out of module import (CLI start, Ray task pickling)."""
     import torch
+
+    monai_lean.load()
     from monai.transforms import CropForeground, MapTransform
 
     class ToUnitIntensityd(MapTransform):
@@ -150,6 +153,8 @@ class _AboveThreshold:
 @lru_cache(maxsize=8)
 def build_pipeline(config: PreprocessConfig):
     import numpy as _np
+
+    monai_lean.load()
     from monai.transforms import Compose, Orientationd, Resized, Spacingd
 
     ToUnitIntensityd, CropBodyd, _ = _transforms()
@@ -170,6 +175,8 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig, window=None, nam
     """consume=True lets the pipeline work in place on volume.array (no second full-size copy:
     the difference between ~0.5 and ~0.8 GB for a 512x512x300 CT); the volume is garbage after."""
     import torch
+
+    monai_lean.load()
     from monai.data import MetaTensor
 
     if volume.array.ndim != 3:
