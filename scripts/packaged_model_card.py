@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         "name": args.exported.name,
         "what": f"DCFormer-{cfg['model']['vision_variant']} at {'x'.join(map(str, cfg['model']['image_size']))} "
                 f"+ frozen MiniLM-L6 (packaged), SigLIP with same-findings non-negatives, finding-label head "
-                f"({len(labels)} labels, weight {cfg['finding_loss_weight']:g}), two-view instance loss "
+                f"({len(labels)} labels, weight {cfg['finding_loss_weight']:g}), feature finding head (labels + "
+                f"organs, weight {cfg.get('feature_finding_loss_weight', 0):g}), two-view instance loss "
                 f"(weight {cfg.get('view_loss_weight', 0):g}), quick preset",
         "commands": [
             "voxsearch synth --n 3000 --seed 0 --size small --dicom-share 0.1 --split-shares 0.7 0.1 0.2 --out ARCHIVE",

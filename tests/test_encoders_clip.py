@@ -269,3 +269,28 @@ def test_input_filter_lets_the_stem_see_a_voxel_between_its_lines():
         assert not torch.allclose(filtered(base)[0], filtered(dot)[0])
     with pytest.raises(ValueError, match="odd"):
         dcformer("nano", input_filter=4)
+
+
+def test_feature_finding_head_reads_pooled_tower_features_and_round_trips(tmp_path):
+    from voxsearch.encoders.clip import finding_organs
+
+    labels = ("cyst|kidney", "mass|liver", "stone|kidney")
+    torch.manual_seed(0)
+    model = ClipModel(ClipConfig(vision_variant="nano", embed_dim=16, image_size=(16, 32, 32),
+                                 finding_labels=labels, feature_finding_head=True)).eval()
+    assert finding_organs(labels) == ["kidney", "liver"]
+    x = torch.rand(2, 1, 16, 32, 32)
+    feats = torch.rand(2, model.text.hidden_size)
+    with torch.no_grad():
+        img, txt, logits, wide = model(x, text_features=feats, with_findings=True)
+        # The embedding is the one search uses, whatever head trains beside it.
+        assert torch.allclose(img, model.encode_image(x), atol=1e-6)
+        # The feature head reads the stage maps, not the embedding: changing the projection leaves it alone.
+        model.vision_proj.weight.mul_(3.0)
+        assert torch.allclose(model(x, text_features=feats, with_findings=True)[3], wide)
+    assert logits.shape == (2, 3) and wide.shape == (2, 3 + 2)
+    save_clip(model, tmp_path / "m")
+    again = load_clip(tmp_path / "m").eval()
+    assert again.config.feature_finding_head and torch.equal(again.feature_head.weight, model.feature_head.weight)
+    plain = ClipModel(ClipConfig(vision_variant="nano", embed_dim=16, finding_labels=labels))
+    assert plain.feature_head is None and len(plain(x, text_features=feats, with_findings=True)) == 3

@@ -141,7 +141,7 @@ def test_train_clip_command_builds_the_config(tmp_path):
     assert (cfg.epochs, cfg.workers, cfg.lr, cfg.freeze_text) == (3, 1, 0.01, False)
     assert cfg.model.image_size == cfg.preprocess.spatial_size == (16, 32, 32)
     assert cfg.model.vision_variant == "nano"  # the rest of the quick preset is kept
-    assert cfg.view_loss_weight == 1.0 and cfg.finding_loss_weight == 10.0
+    assert cfg.view_loss_weight == 1.0 and cfg.finding_loss_weight == 10.0 and cfg.feature_finding_loss_weight == 10.0
     with pytest.raises(ValueError, match="batch_size"):
         build_config(build_parser().parse_args(
             ["train", "clip", "--catalog", "c", "--out", "o", "--batch-size", "0"]))
@@ -152,6 +152,13 @@ def test_train_clip_command_builds_the_config(tmp_path):
     with pytest.raises(ValueError, match="view_loss_weight"):
         build_config(build_parser().parse_args(
             ["train", "clip", "--catalog", "c", "--out", "o", "--view-loss-weight", "-1"]))
+    both = build_config(build_parser().parse_args(
+        ["train", "clip", "--catalog", "c", "--out", "o", "--preset", "quick", "--feature-finding-loss-weight", "5"]))
+    assert both.feature_finding_loss_weight == 5.0
+    with pytest.raises(ValueError, match="needs the finding loss"):
+        build_config(build_parser().parse_args(
+            ["train", "clip", "--catalog", "c", "--out", "o", "--preset", "quick", "--finding-loss-weight", "0",
+             "--feature-finding-loss-weight", "5"]))
 
 
 def test_eval_group_has_retrieval_and_refuses_missing_checkpoint(tmp_path, capsys):

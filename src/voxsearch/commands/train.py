@@ -62,6 +62,9 @@ def _register_clip(stages) -> None:
                    help="weight of the auxiliary finding-label loss (0: off; quick preset: 10)")
     p.add_argument("--finding-pos-weight-cap", type=float,
                    help="up-weight rare finding positives by negatives/positives, capped (1: plain BCE)")
+    p.add_argument("--feature-finding-loss-weight", type=float,
+                   help="weight of a second finding head on the tower's pooled features, labels plus organs "
+                        "(0: off; it needs the finding loss)")
     p.add_argument("--group-same-findings", action=argparse.BooleanOptionalAction, default=None,
                    help="treat pairs whose studies show the same findings as non-negatives (default: on)")
     p.add_argument("--view-loss-weight", type=float,
@@ -110,7 +113,7 @@ def run_export(args) -> int:
 _SIMPLE = ("workers", "gpus_per_worker", "cpus_per_worker", "epochs", "batch_size", "grad_accum", "lr",
            "text_lr", "warmup_steps", "grad_clip", "freeze_text", "init", "init_text_dir", "seed",
            "max_train_studies", "checkpoint_every", "ray_address", "finding_loss_weight", "group_same_findings", "eval_every",
-           "finding_pos_weight_cap", "view_loss_weight", "view_max_degrees", "view_max_shift")
+           "finding_pos_weight_cap", "feature_finding_loss_weight", "view_loss_weight", "view_max_degrees", "view_max_shift")
 
 
 def build_config(args):

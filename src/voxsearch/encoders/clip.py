@@ -30,6 +30,10 @@ class ClipConfig:
     # How far a search query leans on the finding head (encode_query); training chooses it on held-out
     # studies, because how well the head ranks a finding against the text embedding differs per model.
     query_finding_weight: float = 1.0
+    # A second finding head that reads the tower's pooled features (mean of the last stage, max of the two
+    # before it) instead of the embedding. Training only uses its loss: through the 128-d embedding a head
+    # left small abdominal lesions at chance that a head on these features learns (bench/recipe_variants.py).
+    feature_finding_head: bool = False
 
     def __post_init__(self):
         self.finding_labels = tuple(str(v) for v in self.finding_labels)
@@ -58,11 +62,17 @@ class ClipConfig:
             "input_filter": self.input_filter,
             "finding_labels": list(self.finding_labels),
             "query_finding_weight": self.query_finding_weight,
+            "feature_finding_head": self.feature_finding_head,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClipConfig":
         return cls(**d)
+
+
+def finding_organs(labels) -> list[str]:
+    """The organs of "type|organ" labels, sorted: the feature head also predicts "any finding in it"."""
+    return sorted({str(label).partition("|")[2] for label in labels})
 
 
 class ClipModel(nn.Module):
@@ -80,6 +90,9 @@ class ClipModel(nn.Module):
         # findings linearly present in the very vector that search compares.
         labels = self.config.finding_labels
         self.finding_head = nn.Linear(self.config.embed_dim, len(labels)) if labels else None
+        ch = self.vision.channels
+        self.feature_head = (nn.Linear(ch[-1] + ch[-2] + ch[-3], len(labels) + len(finding_organs(labels)))
+                             if labels and self.config.feature_finding_head else None)
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +103,15 @@ class ClipModel(nn.Module):
         # The mean over the last stage's tokens, taken on the spatial map: token order does not matter.
         pooled = self.vision.feature_maps(x)[-1].mean(dim=(2, 3, 4))
         return F.normalize(self.vision_proj(pooled), dim=-1)
+
+    def _image_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """encode_image, plus the feature head's input when the model has one (one pass over the tower)."""
+        maps = self.vision.feature_maps(x)
+        pooled = maps[-1].mean(dim=(2, 3, 4))
+        img = F.normalize(self.vision_proj(pooled), dim=-1)
+        if self.feature_head is None:
+            return img, None
+        return img, torch.cat([pooled, maps[-2].amax(dim=(2, 3, 4)), maps[-3].amax(dim=(2, 3, 4))], dim=1)
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.project_text(self.text(input_ids, attention_mask))
@@ -146,13 +168,16 @@ class ClipModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
                 with_findings: bool = False):
         """(image, text) embeddings, plus finding logits when ``with_findings``. Text comes as tokens or as
-        precomputed tower features; one forward for all of it, so DDP sees every trained parameter."""
-        img = self.encode_image(images)
+        precomputed tower features; one forward for all of it, so DDP sees every trained parameter. With
+        findings and a feature head, that head's logits (labels, then finding_organs) come fourth."""
+        img, features = self._image_and_features(images)
         if text_features is not None:
             txt = self.project_text(text_features)
         else:
             txt = self.encode_text_tokens(input_ids, attention_mask)
         if with_findings:
+            if features is not None:
+                return img, txt, self.finding_logits(img), self.feature_head(features)
             return img, txt, self.finding_logits(img)
         return img, txt
 

@@ -47,6 +47,10 @@ class ClipTrainConfig:
     # Up-weight each label's rare positives by negatives/positives, capped here (1: plain BCE). Measured on
     # the phantom bench, a cap of 10 did worse than plain BCE (README, training benchmark).
     finding_pos_weight_cap: float = 1.0
+    # The same labels plus "any finding in this organ", predicted from the tower's pooled features by a
+    # second head (ClipConfig.feature_finding_head; 0: no such head). A training signal for lesions too
+    # small for the embedding head to learn; search still reads the embedding.
+    feature_finding_loss_weight: float = 0.0
     # Pairs whose studies show the same findings (same modality, body part, findings) are no negatives.
     group_same_findings: bool = True
     # Instance discrimination (training/view_loss.py): each study is seen twice per step, augmented
@@ -91,6 +95,9 @@ class ClipTrainConfig:
                              f"{self.view_loss_weight} and {self.view_temperature}")
         if self.finding_loss_weight < 0:
             raise ValueError(f"ClipTrainConfig.finding_loss_weight must be >= 0, got {self.finding_loss_weight}")
+        if self.feature_finding_loss_weight < 0 or (self.feature_finding_loss_weight and not self.finding_loss_weight):
+            raise ValueError("ClipTrainConfig.feature_finding_loss_weight must be >= 0 and needs the finding loss "
+                             f"(finding_loss_weight > 0), got {self.feature_finding_loss_weight}")
         if self.lr <= 0:
             raise ValueError(f"ClipTrainConfig.lr must be > 0, got {self.lr}")
         self.eval_ns = tuple(int(n) for n in self.eval_ns)
@@ -150,6 +157,7 @@ def _quick(catalog: Path, out: Path, **overrides: Any) -> ClipTrainConfig:
         warmup_steps=50,
         freeze_text=True,
         finding_loss_weight=10.0,
+        feature_finding_loss_weight=10.0,
         view_loss_weight=1.0,
         eval_ns=(100, 500),
     )

@@ -170,9 +170,11 @@ def _set_finding_labels(cfg: ClipTrainConfig, train_rows) -> None:
         log.warning("no finding occurs in %d training studies (ground truth or report text): "
                     "training without the finding loss", cfg.finding_min_count)
         cfg.finding_loss_weight = 0.0
+        cfg.feature_finding_loss_weight = 0.0
         return
     log.info("finding loss over %d labels: %s", len(labeler.labels), ", ".join(labeler.labels))
-    cfg.model = dataclasses.replace(cfg.model, finding_labels=labeler.labels)
+    cfg.model = dataclasses.replace(cfg.model, finding_labels=labeler.labels,
+                                    feature_finding_head=cfg.feature_finding_loss_weight > 0)
 
 
 def _calibrate_finding_head(cfg: ClipTrainConfig, model_dir: Path, eval_ds, split: str) -> None:
