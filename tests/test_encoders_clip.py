@@ -272,13 +272,14 @@ def test_input_filter_lets_the_stem_see_a_voxel_between_its_lines():
 
 
 def test_feature_finding_head_reads_pooled_tower_features_and_round_trips(tmp_path):
-    from voxsearch.encoders.clip import finding_organs
+    from voxsearch.encoders.clip import finding_organ_matrix, finding_organs
 
     labels = ("cyst|kidney", "mass|liver", "stone|kidney")
     torch.manual_seed(0)
     model = ClipModel(ClipConfig(vision_variant="nano", embed_dim=16, image_size=(16, 32, 32),
                                  finding_labels=labels, feature_finding_head=True)).eval()
     assert finding_organs(labels) == ["kidney", "liver"]
+    assert finding_organ_matrix(labels).tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
     x = torch.rand(2, 1, 16, 32, 32)
     feats = torch.rand(2, model.text.hidden_size)
     with torch.no_grad():

@@ -75,6 +75,16 @@ def finding_organs(labels) -> list[str]:
     return sorted({str(label).partition("|")[2] for label in labels})
 
 
+def finding_organ_matrix(labels) -> torch.Tensor:
+    """(len(labels), len(finding_organs)) 0/1: label i is a finding in organ j. Multi-hot labels @ this,
+    clamped to 1, are the feature head's "any finding in this organ" targets."""
+    organs = finding_organs(labels)
+    matrix = torch.zeros(len(labels), len(organs))
+    for i, label in enumerate(labels):
+        matrix[i, organs.index(str(label).partition("|")[2])] = 1.0
+    return matrix
+
+
 class ClipModel(nn.Module):
     def __init__(self, cfg: ClipConfig | None = None, load_text_weights: bool = True):
         super().__init__()
@@ -90,9 +100,12 @@ class ClipModel(nn.Module):
         # findings linearly present in the very vector that search compares.
         labels = self.config.finding_labels
         self.finding_head = nn.Linear(self.config.embed_dim, len(labels)) if labels else None
-        ch = self.vision.channels
-        self.feature_head = (nn.Linear(ch[-1] + ch[-2] + ch[-3], len(labels) + len(finding_organs(labels)))
-                             if labels and self.config.feature_finding_head else None)
+        self.feature_head = self.new_feature_head() if labels and self.config.feature_finding_head else None
+
+    def new_feature_head(self) -> nn.Linear:
+        """A fresh feature finding head for this model's labels (see ClipConfig.feature_finding_head)."""
+        ch, labels = self.vision.channels, self.config.finding_labels
+        return nn.Linear(ch[-1] + ch[-2] + ch[-3], len(labels) + len(finding_organs(labels)))
 
     @property
     def device(self) -> torch.device:

@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 log = logging.getLogger(__name__)
 
+
 def _bare_package(name: str):
     spec = importlib.util.find_spec(name)
     if spec is None or spec.submodule_search_locations is None:

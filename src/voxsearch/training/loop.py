@@ -82,13 +82,8 @@ def build_model(cfg: ClipTrainConfig):
         model.finding_head = torch.nn.Linear(model.config.embed_dim, len(wanted))
         model.feature_head = None
     if cfg.model.feature_finding_head and model.feature_head is None:
-        import torch
-
-        from voxsearch.encoders.clip import finding_organs
-
-        ch = model.vision.channels
         model.config.feature_finding_head = True
-        model.feature_head = torch.nn.Linear(ch[-1] + ch[-2] + ch[-3], len(wanted) + len(finding_organs(wanted)))
+        model.feature_head = model.new_feature_head()
     return model
 
 
@@ -141,7 +136,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from voxsearch.encoders import load_clip, save_clip
-    from voxsearch.encoders.clip import finding_organs
+    from voxsearch.encoders.clip import finding_organ_matrix
     from voxsearch.training.augment import VolumeAugment, rigid_jitter
     from voxsearch.training.evaluate import embed_pairs, headline, score_embeddings
     from voxsearch.training.schedule import warmup_cosine
@@ -186,12 +181,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                               loop_config["owner"], rank, expected, worker_cache_root())
     labels = tuple(raw.config.finding_labels) if cfg.finding_loss_weight > 0 else ()
     y_all, groups_all = _finding_targets(cache, labels, cfg.group_same_findings)
-    organ_of_label = None
-    if labels and raw.feature_head is not None:
-        organs = finding_organs(labels)
-        organ_of_label = torch.zeros(len(labels), len(organs), device=device)
-        for i, label in enumerate(labels):
-            organ_of_label[i, organs.index(label.partition("|")[2])] = 1.0
+    organ_of_label = finding_organ_matrix(labels).to(device) if labels and raw.feature_head is not None else None
     pos_weight = None
     if y_all is not None and cfg.finding_pos_weight_cap > 1:
         positives = y_all.sum(0).clamp_min(1.0)
@@ -279,12 +269,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         target = y_all[idx].to(device)
                         aux = sum(F.binary_cross_entropy_with_logits(out[2][v].float(), target, pos_weight=pos_weight)
                                   for v in views) / len(views)
-                        if len(out) > 3:  # the feature head: labels, then "any finding in this organ"
-                            wide = torch.cat([target, (target @ organ_of_label).clamp_(max=1.0)], dim=1)
-                            aux = aux + cfg.feature_finding_loss_weight / cfg.finding_loss_weight * sum(
-                                F.binary_cross_entropy_with_logits(out[3][v].float(), wide) for v in views) / len(views)
                         aux_sum += float(aux.detach())
                         loss = loss + cfg.finding_loss_weight * aux
+                        if len(out) > 3:  # the feature head: labels, then "any finding in this organ"
+                            wide = torch.cat([target, (target @ organ_of_label).clamp_(max=1.0)], dim=1)
+                            feature = sum(F.binary_cross_entropy_with_logits(out[3][v].float(), wide)
+                                          for v in views) / len(views)
+                            loss = loss + cfg.feature_finding_loss_weight * feature
                     if two_views:
                         inst = view_loss(img[:n], img[n:], cfg.view_temperature)
                         view_sum += float(inst.detach())
