@@ -123,8 +123,16 @@ def test_missing_or_corrupt_shard_object_names_its_uri(shard_actors, bucket, ray
     obj.write_bytes(bytes(data))
     with pytest.raises(IndexCorruptError, match=re.escape(f"{obj.uri} is corrupt")):
         ShardedIndex.load(prefix, timeout=120)
-    with pytest.raises(ray_session.exceptions.RayActorError):  # a failed load ends its actors
-        ray_session.get(shard_actors[-1].ids.remote(), timeout=60)
+    # A failed load ends its actors. ray.kill only asks: a call sent at once can still reach an actor that
+    # has not died yet (it then fails on the shard it never loaded), so ask again until the actor is gone.
+    deadline = time.monotonic() + 60
+    with pytest.raises(ray_session.exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            try:
+                ray_session.get(shard_actors[-1].ids.remote(), timeout=60)
+            except ray_session.exceptions.RayTaskError:  # not dead yet; RayActorError is not one of these
+                pass
+            time.sleep(0.5)
 
     obj.unlink()
     with pytest.raises(IndexCorruptError, match=re.escape(f"object {obj.uri} listed in the manifest is missing")):
