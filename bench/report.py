@@ -2,7 +2,10 @@
 
 Builds (or reuses) a phantom archive and catalog, trains stage 1 (projector) and stage 2 (LM + projector)
 on Ray Train at a reduced volume size, then scores finding-level F1 (all held-out studies and abnormal
-ones alone) and text metrics for the model and for the baseline, in the same process.
+ones alone) and text metrics for the model and for the baseline, in the same process. The search
+server's drafter without a report model (detect findings with a CLIP finding head, then retrieve and
+write from the nearest training reports) is scored beside them, with the CLIP the vision tower started
+from and with the packaged checkpoint (--drafter-clip to choose others, --no-drafters to skip).
 
   python bench/report.py --quick    # tiny random LM, minutes: a smoke run of the whole pipeline
   # the measured run in the README (embedded SmolLM2-135M, about 40 minutes on 2 cores):
@@ -52,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--extra-test", type=int, default=0, metavar="N",
                    help="also score N more held-out studies from another seed (narrows the interval)")
     p.add_argument("--model", type=Path, help="score this trained report model; skip both training stages")
+    p.add_argument("--drafter-clip", nargs="+", metavar="NAME=CHECKPOINT",
+                   help="CLIP checkpoints for the retrieval drafter rows (default: the vision init and the packaged model)")
+    p.add_argument("--no-drafters", action="store_true", help="score the report model and the baseline only")
     p.add_argument("--work", type=Path, help="keep the archive, catalog and models here")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -140,11 +146,13 @@ def main(argv=None) -> int:
     held_out = {"catalog test split": catalog}
     if args.extra_test:
         held_out[f"{args.extra_test} more studies (seed 12)"] = with_extra_test(args, work, catalog)
+    drafters = drafter_checkpoints(args)
     results = {}
     for name, table in held_out.items():
         t0 = time.perf_counter()
         results[name] = evaluate_reports(model, table, split="test", limit=args.limit_test,
-                                         max_new_tokens=args.max_answer_tokens, batch_size=8, workers=1, examples=3)
+                                         max_new_tokens=args.max_answer_tokens, batch_size=8, workers=1, examples=3,
+                                         drafters=drafters)
         timings[f"eval_s ({name})"] = time.perf_counter() - t0
         print_result(name, results[name])
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -160,6 +168,23 @@ def main(argv=None) -> int:
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def drafter_checkpoints(args) -> dict[str, str]:
+    """{row name: CLIP checkpoint} for the retrieval drafter rows."""
+    if args.no_drafters:
+        return {}
+    if args.drafter_clip:
+        pairs = [item.partition("=") for item in args.drafter_clip]
+        if any(not sep or not name or not path for name, sep, path in pairs):
+            raise SystemExit("--drafter-clip takes NAME=CHECKPOINT items")
+        return {name: path for name, _, path in pairs}
+    from voxsearch.encoders import packaged_checkpoint
+
+    packaged = Path(packaged_checkpoint()).resolve()
+    out = {"vision init": str(args.vision_init)} if args.vision_init and Path(args.vision_init).resolve() != packaged else {}
+    out["packaged model"] = str(packaged)
+    return out
 
 
 def train(args, work: Path, catalog: Path, lm: str | None, timings: dict):
@@ -197,19 +222,23 @@ def train(args, work: Path, catalog: Path, lm: str | None, timings: dict):
 def print_result(name: str, result: dict) -> None:
     print(f"\nheld out: {name}: {result['n']} studies ({result['n_abnormal']} abnormal); train studies: "
           f"{result['train_studies']}; split integrity clean: {result['integrity']['clean']}")
-    print(f"{'':26}{'F1 all':>8}{'F1 abn':>8}{'P all':>7}{'R all':>7}{'spec':>6}"
+    print(f"{'':46}{'F1 all':>8}{'F1 abn':>8}{'P all':>7}{'R all':>7}{'spec':>6}"
           f"{'BLEU-1':>8}{'BLEU-4':>8}{'ROUGE-L':>8}{'METEOR':>8}")
-    for label, s in (("report model", result["model"]), ("nearest training report", result["baseline_nearest_report"])):
+    rows = [("report model", result["model"]), ("nearest training report", result["baseline_nearest_report"])]
+    for drafter, d in (result.get("drafters") or {}).items():
+        rows += [(f"{method} ({drafter})", s) for method, s in d["methods"].items()]
+    for label, s in rows:
         f, t = s["findings"], s["text"]
         spec = "-" if f["normal_specificity"] is None else f"{f['normal_specificity']:.2f}"
-        print(f"{label:26}{f['all']['f1']:8.3f}{f['abnormal']['f1']:8.3f}{f['all']['precision']:7.3f}"
+        print(f"{label[:46]:46}{f['all']['f1']:8.3f}{f['abnormal']['f1']:8.3f}{f['all']['precision']:7.3f}"
               f"{f['all']['recall']:7.3f}{spec:>6}{t['bleu1']:8.3f}{t['bleu4']:8.3f}{t['rougeL']:8.3f}{t['meteor']:8.3f}")
-    for group, r in result["f1_vs_baseline"].items():
-        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        boot = r.get("bootstrap")
-        interval = (f"; F1 difference {boot['f1_diff']:+.3f}, 95% CI [{boot['ci95'][0]:+.3f}, {boot['ci95'][1]:+.3f}]"
-                    f" over {boot['studies']} studies") if boot else ""
-        print(f"model / baseline ({group}): {ratio}{interval}")
+    print("F1 difference against the nearest training report, 95% bootstrap CI (all / abnormal studies):")
+    compared = [("report model", {g: r.get("bootstrap") for g, r in result["f1_vs_baseline"].items()})]
+    compared += [(label, s["f1_vs_baseline"]) for label, s in rows[2:]]
+    for label, boots in compared:
+        cells = [f"{b['f1_diff']:+.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]" if b else "n/a"
+                 for b in (boots.get("all"), boots.get("abnormal"))]
+        print(f"  {label[:46]:46} {cells[0]:>26} {cells[1]:>26}")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,27 @@ def register_eval(stages) -> None:
     p.add_argument("--examples", type=int, default=0, help="include N (reference, generated, baseline) triples")
     p.set_defaults(func=run_eval_report)
 
+    d = stages.add_parser(
+        "drafts", help="the search server's retrieval drafts (no report model): finding F1 vs the nearest report",
+        description="Drafts a report for each held-out study as the search server does without a report model "
+                    "(findings called by the CLIP checkpoint's finding head, then sentences from the reports of "
+                    "the nearest training studies that state them), and scores it per finding and as text "
+                    "beside: the detected findings alone, the draft without detection, and the nearest training "
+                    "report. Refuses splits that share scans or patients.\n"
+                    "example: voxsearch eval drafts --catalog catalog --checkpoint runs/clip/model --json d.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--checkpoint", help="CLIP checkpoint directory or s3:// / gs:// URI (default: the packaged model)")
+    d.add_argument("--catalog", help="catalog folder or s3:// / gs:// URI")
+    d.add_argument("--split", default="test")
+    d.add_argument("--limit", type=int, help="first N studies of the split")
+    d.add_argument("--neighbours", type=int, default=5, help="training studies a draft is composed from")
+    d.add_argument("--workers", type=int, default=2, help="Ray Data preprocessing actors")
+    d.add_argument("--allow-split-overlap", action="store_true")
+    d.add_argument("--examples", type=int, default=0, help="include N studies' drafts in the JSON")
+    d.add_argument("--json", type=Path, help="write the full result here")
+    d.add_argument("--ray-address")
+    d.set_defaults(func=run_eval_drafts)
+
     q = stages.add_parser(
         "vqa", help="VQA: closed accuracy per question type, open-answer text metrics",
         description="Questions come from the catalog's ground-truth findings (held-out split) or an M3D-VQA CSV.\n"
@@ -240,27 +261,69 @@ def format_report_result(r: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval_report(args) -> int:
-    from voxsearch.common.runtime import RayConfig, init_ray
+def _evaluate(args, what: str, evaluate, format_result) -> int:
+    """Run ``evaluate()`` (which loads and starts what it needs), print and save its result; 1 on bad input."""
     from voxsearch.training.integrity import SplitLeakageError
-    from voxsearch.reports.evaluate import evaluate_reports
 
     if not args.catalog:
-        log.error("eval report needs --catalog")
+        log.error("eval %s needs --catalog", what)
         return 1
     try:
-        model = _load_model(args.model)
-        init_ray(RayConfig(address=args.ray_address))
-        result = evaluate_reports(model, args.catalog, split=args.split, limit=args.limit,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                  workers=args.workers, allow_split_overlap=args.allow_split_overlap,
-                                  examples=args.examples)
+        result = evaluate()
     except (OSError, ValueError, SplitLeakageError) as exc:
         log.error("%s", exc)
         return 1
-    print(format_report_result(result))
+    print(format_result(result))
     _write_json(args.json, result)
     return 0
+
+
+def run_eval_report(args) -> int:
+    from voxsearch.common.runtime import RayConfig, init_ray
+    from voxsearch.reports.evaluate import evaluate_reports
+
+    def evaluate():
+        model = _load_model(args.model)
+        init_ray(RayConfig(address=args.ray_address))
+        return evaluate_reports(model, args.catalog, split=args.split, limit=args.limit,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                workers=args.workers, allow_split_overlap=args.allow_split_overlap,
+                                examples=args.examples)
+
+    return _evaluate(args, "report", evaluate, format_report_result)
+
+
+def format_drafts_result(r: dict) -> str:
+    lines = [f"{r['split']}: {r['n']} studies ({r['n_abnormal']} abnormal), drafts from {r['neighbours']} of "
+             f"{r['train_studies']} training studies",
+             f"{'':28}{'F1':>7}{'F1 abn':>8}{'P':>7}{'R':>7}{'spec':>6}{'ROUGE-L':>8}  F1 - nearest report [95% CI]"]
+    for method, s in r["methods"].items():
+        f, boot = s["findings"], s["f1_vs_baseline"].get("all")
+        spec = "-" if f["normal_specificity"] is None else f"{f['normal_specificity']:.2f}"
+        gap = "" if method == r["baseline"] or not boot else \
+            f"  {boot['f1_diff']:+.3f} [{boot['ci95'][0]:+.3f}, {boot['ci95'][1]:+.3f}]"
+        lines.append(f"{method:28}{f['all']['f1']:7.3f}{f['abnormal']['f1']:8.3f}{f['all']['precision']:7.3f}"
+                     f"{f['all']['recall']:7.3f}{spec:>6}{s['text']['rougeL']:8.3f}{gap}")
+    return "\n".join(lines)
+
+
+def run_eval_drafts(args) -> int:
+    from voxsearch.common.runtime import RayConfig, init_ray
+    from voxsearch.encoders import packaged_checkpoint
+    from voxsearch.reports.evaluate import evaluate_drafts
+
+    if args.neighbours < 1:
+        log.error("--neighbours must be at least 1")
+        return 1
+
+    def evaluate():
+        checkpoint = args.checkpoint or packaged_checkpoint()
+        init_ray(RayConfig(address=args.ray_address))
+        return evaluate_drafts(checkpoint, args.catalog, split=args.split, limit=args.limit,
+                               neighbours=args.neighbours, workers=args.workers,
+                               allow_split_overlap=args.allow_split_overlap, examples=args.examples)
+
+    return _evaluate(args, "drafts", evaluate, format_drafts_result)
 
 
 def run_eval_vqa(args) -> int:

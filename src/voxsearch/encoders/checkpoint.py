@@ -166,6 +166,12 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> Clip
     return _build_model(local, meta, _clip_config(local, meta, name), device, name)
 
 
+# A calibrated threshold this high means the label's calls never reached the wanted precision on held-out
+# studies (training/evaluate.finding_thresholds): the head may still call it when very sure, but its silence
+# about that label says nothing.
+UNRELIABLE_THRESHOLD = 0.95
+
+
 class FindingHead:
     """A checkpoint's finding read-out as plain arrays: probabilities from stored embeddings without
     loading the model (the search front end holds it)."""
@@ -180,6 +186,12 @@ class FindingHead:
         # under-confident: 0.5 would hide most true findings); 0.5 where the checkpoint has none.
         self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(self.labels),
                                      dtype=np.float32)
+
+    @property
+    def reliable_labels(self) -> frozenset[str]:
+        """Labels whose calibrated calls were right often enough on held-out studies: for these, no call
+        is evidence of no finding."""
+        return frozenset(label for label, t in zip(self.labels, self.thresholds) if t < UNRELIABLE_THRESHOLD)
 
     def probabilities(self, vectors):
         import numpy as np

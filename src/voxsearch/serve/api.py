@@ -439,7 +439,8 @@ class Ingress:
         hits = [h for h in hits if h["id"] not in exclude][: k - len(exclude)]
         reports = await self._call(self.studies.reports.remote([h["id"] for h in hits]))
         neighbours = [Neighbour(h["id"], h["score"], reports.get(h["id"]) or "") for h in hits]
-        draft = compose_draft(neighbours, detected=detected, max_neighbours=wanted)
+        draft = compose_draft(neighbours, detected=detected, max_neighbours=wanted,
+                              detectable=self.finding_head.reliable_labels if self.finding_head else None)
         return {"method": draft.method, "report": draft.text, "sources": draft.sources, "detected": detected}
 
     async def _study_vector(self, series_id: str) -> np.ndarray:
@@ -664,7 +665,9 @@ class Ingress:
                 embedding = await self._study_vector(sid)
 
         if chosen == "retrieval":
-            detected = self.finding_head.describe(np.asarray(embedding, np.float32)) if self.finding_head else None
+            # A head with no label calibrated to be trusted would make every draft look normal: leave it out.
+            head = self.finding_head if self.finding_head and self.finding_head.reliable_labels else None
+            detected = head.describe(np.asarray(embedding, np.float32)) if head else None
             draft = await self._retrieval_draft(embedding, exclude, detected)
             note = "retrieval-based draft: sentences from the reports of the most similar indexed training studies"
             if detected is not None:

@@ -92,9 +92,11 @@ def finding_thresholds(model, emb: dict[str, np.ndarray], min_precision: float =
     """Per-label decision thresholds of the finding head: the lowest at which the label's calls on these
     (held-out) studies are right at least ``min_precision`` of the time, so a finding shown on a study is
     usually there. The head is trained on rare labels and under-confident: a fixed 0.5 would hide most
-    true findings. A label that never reaches the precision (or has no positive here) gets 0.95."""
+    true findings. A label that never reaches the precision (or has no positive here) gets
+    UNRELIABLE_THRESHOLD (0.95): drafting then takes no call on it as no evidence either way."""
     import torch
 
+    from voxsearch.encoders.checkpoint import UNRELIABLE_THRESHOLD
     from voxsearch.training.finding_labels import FindingLabeler
 
     labels = tuple(model.config.finding_labels)
@@ -111,7 +113,7 @@ def finding_thresholds(model, emb: dict[str, np.ndarray], min_precision: float =
         called = pred.sum(1)
         precision = (pred & y[:, j]).sum(1) / np.maximum(called, 1)
         ok = np.flatnonzero((precision >= min_precision) & (called >= 2))
-        out.append(float(grid[ok[0]]) if len(ok) else 0.95)
+        out.append(float(grid[ok[0]]) if len(ok) else UNRELIABLE_THRESHOLD)
     return out
 
 
