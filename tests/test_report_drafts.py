@@ -32,23 +32,6 @@ def test_detected_sentences_state_exactly_the_calls():
     assert matcher.extract(detected_sentences([])) == set()
 
 
-def test_silence_on_a_label_the_head_cannot_call_does_not_demote_reports_that_state_it():
-    neighbours = [Neighbour("a", 0.9, "Two cysts in the liver. Spleen normal."),
-                  Neighbour("b", 0.8, "The liver is unremarkable. Spleen normal."),
-                  Neighbour("c", 0.7, "Metastasis in the liver.")]
-    # Every label trusted: nothing detected means the normal report comes first.
-    trusting = compose_draft(neighbours, detected=[], max_neighbours=1)
-    assert [s["series_id"] for s in trusting.sources] == ["b"]
-    # The head cannot call liver cysts reliably: its silence on them is no evidence, the nearest stays first,
-    # while a report of a finding it does call (and did not) still goes down.
-    cautious = compose_draft(neighbours, detected=[], detectable=frozenset({"metastasis|liver"}))
-    assert [s["series_id"] for s in cautious.sources] == ["a", "b", "c"]
-    # A call on a label outside the trusted set still promotes the reports that state it.
-    called = [{"finding": "cyst in the liver", "label": "cyst|liver", "probability": 0.97}]
-    promoted = compose_draft(neighbours[::-1], detected=called, detectable=frozenset({"metastasis|liver"}))
-    assert promoted.sources[0]["series_id"] == "a"
-
-
 def test_finding_head_reliable_labels_follow_the_calibrated_thresholds():
     import numpy as np
 
@@ -62,7 +45,10 @@ def test_finding_head_reliable_labels_follow_the_calibrated_thresholds():
 
 
 @pytest.mark.timeout(600)
-def test_retrieval_drafts_come_from_training_reports_in_study_order(tiny_catalog):
+def test_retrieval_drafts_come_from_training_reports_in_study_order(tiny_catalog, tmp_path):
+    import json
+    import shutil
+
     import numpy as np
     import pyarrow as pa
     import torch
@@ -77,12 +63,26 @@ def test_retrieval_drafts_come_from_training_reports_in_study_order(tiny_catalog
     ids, drafts = retrieval_drafts(packaged_checkpoint(), train, test)
 
     assert ids == [r["series_id"] for r in rows[-6:]]
-    assert set(drafts) == {"retrieve-write", "detect-retrieve-write", "detected findings only"}
+    assert set(drafts) == {"nearest training report", "retrieve-write", "detect-retrieve-write",
+                           "detected findings only"}
     assert all(len(texts) == len(ids) for texts in drafts.values())
-    train_sentences = {s for r in rows[:-6] for s in split_sentences(r["report"])}
+    train_reports = [r["report"] for r in rows[:-6]]
+    assert all(text in train_reports for text in drafts["nearest training report"])
+    train_sentences = {s for r in train_reports for s in split_sentences(r)}
     for method in ("retrieve-write", "detect-retrieve-write"):
         for body in drafts[method]:
             assert body and set(split_sentences(body)) <= train_sentences, (method, body)
+
+    # A head none of whose labels reached the wanted precision would call nothing almost everywhere, and
+    # its silence would turn every draft normal: drafting leaves it out.
+    uncalibrated = tmp_path / "uncalibrated"
+    shutil.copytree(packaged_checkpoint(), uncalibrated)
+    meta = json.loads((uncalibrated / "config.json").read_text())
+    meta["extra"]["finding_thresholds"] = [0.95] * len(meta["clip_config"]["finding_labels"])
+    (uncalibrated / "config.json").write_text(json.dumps(meta))
+    _, without = retrieval_drafts(uncalibrated, train, test)
+    assert set(without) == {"nearest training report", "retrieve-write"}
+    assert without["retrieve-write"] == drafts["retrieve-write"]
 
     # The detect step alone states exactly what the checkpoint's head calls on each study.
     checkpoint = open_checkpoint(packaged_checkpoint())
@@ -122,3 +122,4 @@ def test_eval_drafts_command_scores_each_method_against_the_nearest_report(tiny_
     for method in result["methods"]:
         assert method in printed
     assert len(result["examples"]) == min(2, result["n"]) and "reference" in result["examples"][0]
+

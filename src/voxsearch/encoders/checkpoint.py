@@ -167,8 +167,7 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> Clip
 
 
 # A calibrated threshold this high means the label's calls never reached the wanted precision on held-out
-# studies (training/evaluate.finding_thresholds): the head may still call it when very sure, but its silence
-# about that label says nothing.
+# studies (training/evaluate.finding_thresholds): the head calls it only when very sure.
 UNRELIABLE_THRESHOLD = 0.95
 
 
@@ -189,8 +188,8 @@ class FindingHead:
 
     @property
     def reliable_labels(self) -> frozenset[str]:
-        """Labels whose calibrated calls were right often enough on held-out studies: for these, no call
-        is evidence of no finding."""
+        """Labels whose calibrated calls were right often enough on held-out studies. A head with none
+        would call nothing on almost every scan: drafting leaves such a head out."""
         return frozenset(label for label, t in zip(self.labels, self.thresholds) if t < UNRELIABLE_THRESHOLD)
 
     def probabilities(self, vectors):

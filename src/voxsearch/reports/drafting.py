@@ -45,32 +45,28 @@ def retrieval_header(n: int) -> str:
             "studies, not generated from this scan by a report model. Review before use.]")
 
 
-def _agreement(report: str, detected: set[str], matcher, detectable: frozenset[str] | None) -> float:
-    """Jaccard overlap of the findings a report states ("type|organ") with the detected ones, counting only
-    findings the head can be trusted to call (``detectable``; None: all): a finding it is silent on by
-    weakness must not push a report that states it down."""
+def _agreement(report: str, detected: set[str], matcher) -> float:
+    """Jaccard overlap of the findings a report states ("type|organ") with the detected ones."""
     stated = {f"{kind}|{organ}" for kind, organ in matcher.extract(report) if organ}
-    if detectable is not None:
-        stated &= detectable | detected
     union = stated | detected
     return len(stated & detected) / len(union) if union else 1.0
 
 
 def compose_draft(neighbours: list[Neighbour], max_sentences: int = 8, detected: list[dict] | None = None,
-                  max_neighbours: int | None = None, detectable: frozenset[str] | None = None) -> Draft:
+                  max_neighbours: int | None = None) -> Draft:
     """Sentences with the most weighted support among neighbours, ordered as the nearest report orders them.
 
     ``detected``: the finding head's reading of the scan ([{"finding", "label", "probability"}], may be
-    empty = nothing detected); neighbours are then re-ranked by how well their reports agree with it, on
-    the ``detectable`` labels (FindingHead.reliable_labels; None: every label). With none detectable, the
-    head's silence means nothing and the neighbours keep their similarity order."""
+    empty = nothing detected); neighbours are then re-ranked by how well their reports agree with it. Pass
+    None for a head with no reliable label (FindingHead.reliable_labels): its silence would make every
+    draft normal."""
     usable = [n for n in neighbours if n.report and n.report.strip()]
     if detected is not None and usable:
         from voxsearch.encoders.finding_text import default_matcher
 
         matcher = default_matcher()
         labels = {d["label"] for d in detected}
-        usable.sort(key=lambda n: -_agreement(n.report, labels, matcher, detectable))  # stable: similarity breaks ties
+        usable.sort(key=lambda n: -_agreement(n.report, labels, matcher))  # stable: similarity breaks ties
     if max_neighbours is not None:
         usable = usable[:max_neighbours]
     if not usable:

@@ -124,8 +124,7 @@ def retrieval_drafts(clip_checkpoint, train_rows, test_rows, neighbours: int = 5
         out["retrieve-write"].append(compose_draft(found, max_neighbours=neighbours).body)
         if head is not None:
             detected = head.describe(queries[q])
-            out["detect-retrieve-write"].append(compose_draft(found, detected=detected, max_neighbours=neighbours,
-                                                              detectable=head.reliable_labels).body)
+            out["detect-retrieve-write"].append(compose_draft(found, detected=detected, max_neighbours=neighbours).body)
             out["detected findings only"].append(detected_sentences(detected))
     return [str(s) for s in test["series_id"]], out
 

@@ -439,8 +439,7 @@ class Ingress:
         hits = [h for h in hits if h["id"] not in exclude][: k - len(exclude)]
         reports = await self._call(self.studies.reports.remote([h["id"] for h in hits]))
         neighbours = [Neighbour(h["id"], h["score"], reports.get(h["id"]) or "") for h in hits]
-        draft = compose_draft(neighbours, detected=detected, max_neighbours=wanted,
-                              detectable=self.finding_head.reliable_labels if self.finding_head else None)
+        draft = compose_draft(neighbours, detected=detected, max_neighbours=wanted)
         return {"method": draft.method, "report": draft.text, "sources": draft.sources, "detected": detected}
 
     async def _study_vector(self, series_id: str) -> np.ndarray:

@@ -93,7 +93,7 @@ def finding_thresholds(model, emb: dict[str, np.ndarray], min_precision: float =
     (held-out) studies are right at least ``min_precision`` of the time, so a finding shown on a study is
     usually there. The head is trained on rare labels and under-confident: a fixed 0.5 would hide most
     true findings. A label that never reaches the precision (or has no positive here) gets
-    UNRELIABLE_THRESHOLD (0.95): drafting then takes no call on it as no evidence either way."""
+    UNRELIABLE_THRESHOLD (0.95); a head with no label below it is left out of drafting."""
     import torch
 
     from voxsearch.encoders.checkpoint import UNRELIABLE_THRESHOLD
