@@ -8,8 +8,10 @@ write from the nearest training reports) is scored beside them, with the CLIP th
 from and with the packaged checkpoint (--drafter-clip to choose others, --no-drafters to skip).
 
   python bench/report.py --quick    # tiny random LM, minutes: a smoke run of the whole pipeline
-  # the measured run in the README (embedded SmolLM2-135M, about 40 minutes on 2 cores):
-  python bench/report.py --work runs/bench-report --n 360 --split-shares 0.7 0.1 0.2 --clip-first \
+  # the measured run in the README (embedded SmolLM2-135M, about 25 minutes on 2 cores), the vision tower
+  # from the packaged CLIP (--clip-first instead trains a quick-preset CLIP on the train split first):
+  python bench/report.py --work runs/bench-report --n 360 --split-shares 0.7 0.1 0.2 \
+      --vision-init src/voxsearch/encoders/pretrained/phantom-nano \
       --train-vision --tasks report --epochs2 5 --batch-size 4 --extra-test 300
 """
 
