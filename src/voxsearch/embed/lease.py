@@ -90,25 +90,30 @@ class RunLease:
         self.obj.write_text(json.dumps(self._body(), sort_keys=True))
         self._renewed = before  # counted from before the PUT: conservative
 
-    def read(self) -> dict | None:
+    def read(self, attempts: int = 3) -> dict | None:
         """The lease as stored, or None where there is none. An object that is not a lease (damaged, or a
-        local lock file copied there) counts as one of an unknown run last renewed when it was written."""
-        try:
-            text = self.obj.read_text(errors="replace")
-        except FileNotFoundError:
-            return None
-        try:
-            lease = json.loads(text)
-            if not isinstance(lease, dict) or not isinstance(lease.get("heartbeat"), (int, float)):
-                raise ValueError("not a lease")
-            return lease
-        except ValueError:
+        local lock file copied there) counts as one of an unknown run last renewed when it was written.
+        Such a read is tried again first: a store whose overwrites are not atomic (some S3 gateways and
+        test servers) can hand back a half-written lease while its holder renews it."""
+        for attempt in range(attempts):
             try:
-                _, mtime_ns = self.obj.stat()
+                text = self.obj.read_text(errors="replace")
             except FileNotFoundError:
                 return None
-            return {"run_id": "?", "host": "?", "pid": "?", "heartbeat": mtime_ns / 1e9 if mtime_ns else 0.0,
-                    "unreadable": text[:80]}
+            try:
+                lease = json.loads(text)
+                if isinstance(lease, dict) and isinstance(lease.get("heartbeat"), (int, float)):
+                    return lease
+            except ValueError:
+                pass
+            if attempt + 1 < attempts:
+                time.sleep(0.05 * (attempt + 1))
+        try:
+            _, mtime_ns = self.obj.stat()
+        except FileNotFoundError:
+            return None
+        return {"run_id": "?", "host": "?", "pid": "?", "heartbeat": mtime_ns / 1e9 if mtime_ns else 0.0,
+                "unreadable": text[:80]}
 
     def _ours(self, lease: dict | None) -> bool:
         return bool(lease) and lease.get("run_id") == self.run_id and lease.get("pid") == self.pid
