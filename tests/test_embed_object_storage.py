@@ -22,7 +22,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _lease(store: EmbeddingStore) -> dict:
-    return json.loads(store.lock_path.read_text())
+    # Read as the runs read it: the test S3 server's overwrites are not atomic, so a raw read during a
+    # heartbeat can see half a lease; RunLease.read reads such an object again.
+    return RunLease(store.lock_path, "test-reader").read()
 
 
 def _write_lease(store: EmbeddingStore, run_id: str, host: str, age_s: float, **extra) -> None:
