@@ -108,6 +108,13 @@ def compose_draft(neighbours: list[Neighbour], max_sentences: int = 8, detected:
     )
 
 
+def drafting_head(head):
+    """The finding head drafts may start from: None when none of its labels was calibrated to be trusted
+    (FindingHead.reliable_labels), since such a head calls nothing and its silence would make every
+    draft normal."""
+    return head if head is not None and head.reliable_labels else None
+
+
 def detected_sentences(detected: list[dict]) -> str:
     """The finding head's calls alone, written as report sentences (the "detect" step without retrieval)."""
     if not detected:

@@ -94,15 +94,14 @@ def retrieval_drafts(clip_checkpoint, train_rows, test_rows, neighbours: int = 5
     import torch
 
     from voxsearch.encoders import open_checkpoint
-    from voxsearch.reports.drafting import Neighbour, compose_draft, detected_sentences
+    from voxsearch.reports.drafting import Neighbour, compose_draft, detected_sentences, drafting_head
 
     checkpoint = open_checkpoint(clip_checkpoint)
     model = checkpoint.load_model(inference=True)
-    head = checkpoint.finding_head()
-    if head is not None and not head.reliable_labels:
+    head = drafting_head(checkpoint.finding_head())
+    if head is None and checkpoint.config.finding_labels:
         log.warning("the finding head of %s calls no label reliably (not calibrated on held-out studies): "
                     "drafting without it, as the search server does", clip_checkpoint)
-        head = None
     train = _pairs(train_rows, checkpoint.preprocess, workers, "draft index")
     test = _pairs(test_rows, checkpoint.preprocess, workers, "draft queries")
 

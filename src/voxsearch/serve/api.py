@@ -339,8 +339,11 @@ class Ingress:
         _Runtime.roots = tuple(str(p) for p in (config.upload_dir, config.data_dir, config.catalog, config.index,
                                                  config.checkpoint, config.report_model) if p)
         scrub_library_logs()  # uploads are decoded here
+        from voxsearch.reports.drafting import drafting_head
+
         checkpoint = open_checkpoint(config.checkpoint)
         self.finding_head = checkpoint.finding_head()
+        self.draft_head = drafting_head(self.finding_head)
         self.preprocess = PreprocessConfig.from_dict(checkpoint.preprocess)
         self._caps: dict | None = None
         self.replica = serve.get_replica_context().replica_tag
@@ -664,9 +667,7 @@ class Ingress:
                 embedding = await self._study_vector(sid)
 
         if chosen == "retrieval":
-            # A head with no label calibrated to be trusted would make every draft look normal: leave it out.
-            head = self.finding_head if self.finding_head and self.finding_head.reliable_labels else None
-            detected = head.describe(np.asarray(embedding, np.float32)) if head else None
+            detected = self.draft_head.describe(np.asarray(embedding, np.float32)) if self.draft_head else None
             draft = await self._retrieval_draft(embedding, exclude, detected)
             note = "retrieval-based draft: sentences from the reports of the most similar indexed training studies"
             if detected is not None:
